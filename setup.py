@@ -64,7 +64,13 @@ SKIP_RUNTIME_REQUIREMENTS = {"torch", "torchaudio", "torchvision", "torchcodec"}
 # Extra runtime dependencies of the speech models / serving layer and the
 # tools the test-suite needs (vLLM's tests/conftest.py imports tblib).
 EXTRA_REQUIREMENTS = [
-    "torchvision==0.26.0",  # matches torch 2.11.0; several model files import it
+    # The versions vLLM 0.26.0's own CI tests with (requirements/test/cpu.txt);
+    # several model files import these at module level.
+    "transformers==5.13.1",
+    "tokenizers==0.22.2",
+    "torchvision==0.26.0",
+    "torchaudio==2.11.0",
+    "timm==1.0.17",
     "soundfile",
     "soxr",
     "scipy",
@@ -163,6 +169,8 @@ def patch_set_digest() -> str:
 def git_apply(tree: Path, patch: Path, include: str | None = None,
               check_only: bool = False) -> None:
     """Apply one patch with exact context; fail loudly on reject/fuzz."""
+    if shutil.which("git") is None:
+        return _patch_apply(tree, patch, include, check_only)
     cmd = ["git", "apply", "--verbose", "--whitespace=nowarn"]
     if check_only:
         cmd.append("--check")
@@ -181,6 +189,28 @@ def git_apply(tree: Path, patch: Path, include: str | None = None,
            if "fuzz" in ln.lower() or ".rej" in ln or "with offset" in ln.lower()]
     if bad:
         sys.exit(f"patch {patch.name} applied inexactly:\n" + "\n".join(bad))
+
+
+def _patch_apply(tree: Path, patch: Path, include: str | None,
+                 check_only: bool) -> None:
+    """Fallback for hosts without git: GNU patch with fuzz 0, no offsets."""
+    text = patch.read_text()
+    if include:
+        prefix = include.rstrip("*")
+        chunks = text.split("\ndiff --git ")
+        keep = [c for c in chunks[1:] if c.startswith(f"a/{prefix}")]
+        text = "".join("\ndiff --git " + c for c in keep)
+        if not keep:
+            return
+    for dry in ([True] if check_only else [True, False]):
+        cmd = ["patch", "-p1", "--fuzz=0", "--forward", "--batch",
+               "--no-backup-if-mismatch", "-r", "-"]
+        if dry:
+            cmd.append("--dry-run")
+        r = subprocess.run(cmd, cwd=tree, input=text, capture_output=True, text=True)
+        out = r.stdout + r.stderr
+        if r.returncode != 0 or "offset" in out or "fuzz" in out:
+            sys.exit(f"patch {patch.name} does not apply exactly to {tree}:\n{out}")
 
 
 # --------------------------------------------------------------------------
@@ -487,7 +517,7 @@ def cmd_upstream_diff(args) -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        a, b = work / "a", work / "b"
+        a = work / "a"
         files = set()
         for patch in series():
             files.update(patched_files(patch))
@@ -505,17 +535,34 @@ def cmd_upstream_diff(args) -> None:
             shutil.copy2(ROOT / rel, tree / rel)
         for patch in series():
             git_apply(tree, patch)
-        tree.rename(b)
-        a.mkdir(exist_ok=True)
-        env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(work))
-        r = subprocess.run(
-            ["git", "diff", "--no-index", "--binary", "--no-color", "a", "b"],
-            cwd=work, env=env, capture_output=True, text=True)
-        if r.returncode not in (0, 1):
-            sys.exit(r.stderr)
-        diff = r.stdout.replace("diff --git a/a/", "diff --git a/") \
-                       .replace(" b/b/", " b/").replace("--- a/a/", "--- a/") \
-                       .replace("+++ b/b/", "+++ b/")
+        # Diff inside a throw-away repository so that new files get proper
+        # a/ b/ paths, exactly as `git format-patch` of the PR would show.
+        repo = work / "repo"
+        a.rename(repo) if a.exists() else repo.mkdir()
+        env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(work),
+                   GIT_AUTHOR_NAME="vllm-speech", GIT_AUTHOR_EMAIL="build@localhost",
+                   GIT_COMMITTER_NAME="vllm-speech", GIT_COMMITTER_EMAIL="build@localhost")
+        env.pop("GIT_DIR", None)
+
+        def git(*cmd: str) -> str:
+            r = subprocess.run(["git", *cmd], cwd=repo, env=env,
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.exit(f"git {' '.join(cmd)} failed: {r.stderr}")
+            return r.stdout
+
+        git("init", "-q")
+        git("add", "-A")
+        git("commit", "-q", "--allow-empty", "-m", f"vLLM v{VLLM_VERSION} (files touched)")
+        for rel in sorted(files):
+            dst, src = repo / rel, tree / rel
+            if src.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst)
+            elif dst.exists():
+                dst.unlink()
+        git("add", "-A")
+        diff = git("diff", "--cached", "--binary", "--no-color")
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         header = (f"vllm-speech patch set against vLLM v{VLLM_VERSION}\n"
