@@ -52,10 +52,6 @@ def main() -> None:
         sys.exit("a one-line purpose is required for a new patch")
     before = names[: names.index(a.name)] if a.name in names else names
     after = names[names.index(a.name) + 1:] if a.name in names else []
-    for later in after:
-        clash = set(build.patched_files(ROOT / "patches" / later)) & set(files)
-        if clash:
-            sys.exit(f"{later} (later in the series) also touches {sorted(clash)}")
     pristine = build.pristine_tree()
     tree = ROOT / "build" / f"vllm-{build.VLLM_VERSION}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,6 +69,20 @@ def main() -> None:
         for rel in files:
             (new / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(tree / rel, new / rel)
+        # Later patches of the series that touch the same files are taken
+        # back out of the staged copy (reverse order), so that this patch
+        # holds only its own hunks.
+        for later in reversed(after):
+            lp = ROOT / "patches" / later
+            shared = set(build.patched_files(lp)) & set(files)
+            for rel in sorted(shared):
+                r = subprocess.run(
+                    ["git", "apply", "-R", f"--include={rel}", str(lp)],
+                    cwd=new, capture_output=True, text=True,
+                    env={"GIT_CEILING_DIRECTORIES": tmp, "PATH": "/usr/bin:/bin"})
+                if r.returncode != 0:
+                    sys.exit(f"cannot take {later} back out of {rel}: {r.stderr}"
+                             "\n(its hunks overlap this patch's; merge them)")
         diffs = []
         for rel in files:
             r = subprocess.run(
@@ -85,10 +95,21 @@ def main() -> None:
                 diffs.append(d)
     if not diffs:
         sys.exit("no changes in the given files")
+    previous = path.read_text() if path.exists() else None
     path.write_text(f"Subject: {subject}\n\n" + "".join(diffs))
     if a.name not in names:
         with open(series_file, "a") as f:
             f.write(a.name + "\n")
+    # The whole series must still apply exactly to the pristine sdist.
+    r = subprocess.run([sys.executable, str(ROOT / "setup.py"), "check-patches"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        if previous is None:
+            path.unlink()
+            series_file.write_text("".join(n + "\n" for n in names))
+        else:
+            path.write_text(previous)
+        sys.exit("series no longer applies; patch not changed:\n" + r.stdout + r.stderr)
     print(f"wrote {path}")
 
 
