@@ -75,6 +75,7 @@ EXTRA_REQUIREMENTS = [
     "torchvision==0.26.0",
     "torchaudio==2.11.0",
     "timm==1.0.17",
+    "av",  # vllm[audio]: container decoding and resampling of audio inputs
     "soundfile",
     "soxr",
     "scipy",

@@ -1,0 +1,437 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""``/v1/audio/speech``: text in, audio out, for ``SupportsSpeechGeneration``
+models.
+
+Generation runs in the engine like any completion. The model's decoder
+(codec / vocoder) runs here, in the API server process, on one worker thread
+that batches the decode calls of concurrent requests, so audio decoding never
+blocks the event loop or the engine. Streaming decodes the frames generated so
+far chunk by chunk, with ``stream_left_context`` frames of left context, so
+the chunks join seamlessly.
+"""
+
+import asyncio
+import base64
+import json
+import queue
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from functools import cached_property
+from http import HTTPStatus
+from typing import Any, cast
+
+import numpy as np
+import torch
+from fastapi import Request
+
+from vllm.config.text_to_speech import TextToSpeechConfig, TextToSpeechParams, VoicePrompt
+from vllm.engine.protocol import EngineClient
+from vllm.entrypoints.generate.base.serving import GenerateBaseServing
+from vllm.entrypoints.openai.engine.protocol import ErrorResponse
+from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+from vllm.entrypoints.serve.utils.request_logger import RequestLogger
+from vllm.entrypoints.text_to_speech import metrics
+from vllm.entrypoints.text_to_speech.audio import (
+    change_tempo,
+    encode_audio,
+    load_reference_audio,
+    pcm16,
+    read_reference_source,
+    wav_stream_header,
+)
+from vllm.entrypoints.text_to_speech.protocol import (
+    MEDIA_TYPES,
+    SPEED_MAX,
+    SPEED_MIN,
+    SpeechRequest,
+)
+from vllm.entrypoints.text_to_speech.voices import VoiceStore
+from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
+from vllm.logger import init_logger
+from vllm.model_executor.models.interfaces import (
+    SpeechDecoder,
+    SupportsSpeechGeneration,
+)
+from vllm.outputs import RequestOutput
+from vllm.renderers.inputs.preprocess import parse_model_prompt
+from vllm.utils import random_uuid
+
+logger = init_logger(__name__)
+
+# Frames decoded per streamed chunk (after the first, which is shorter so
+# the first audio comes early).
+STREAM_FIRST_CHUNK_FRAMES = 8
+STREAM_CHUNK_FRAMES = 32
+
+
+class DecodeWorker:
+    """Runs a ``SpeechDecoder`` on one thread, batching concurrent jobs.
+
+    Decoders are not assumed thread-safe: every call (decode and reference
+    encoding) goes through this single thread.
+    """
+
+    def __init__(self, decoder: SpeechDecoder, max_batch: int = 16):
+        self.decoder = decoder
+        self.max_batch = max_batch
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(
+            target=self._loop, name="speech-decode", daemon=True)
+        self._thread.start()
+
+    async def decode(self, frames: np.ndarray) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._jobs.put(("decode", frames, fut, loop))
+        return await fut
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._jobs.put(("call", fn, fut, loop))
+        return await fut
+
+    def call_sync(self, fn: Callable[[], Any]) -> Any:
+        done = threading.Event()
+        box: dict = {}
+
+        def run():
+            try:
+                box["v"] = fn()
+            except BaseException as e:  # noqa: BLE001
+                box["e"] = e
+            done.set()
+
+        self._jobs.put(("sync", run, None, None))
+        done.wait()
+        if "e" in box:
+            raise box["e"]
+        return box["v"]
+
+    @staticmethod
+    def _resolve(fut, loop, value=None, exc=None) -> None:
+        def set_():
+            if fut.done():
+                return
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(value)
+
+        loop.call_soon_threadsafe(set_)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            batch = [job] if job[0] == "decode" else []
+            if job[0] != "decode":
+                self._run_one(job)
+            # Gather the decode jobs queued meanwhile into one batch.
+            while batch and len(batch) < self.max_batch:
+                try:
+                    nxt = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt[0] == "decode":
+                    batch.append(nxt)
+                else:
+                    self._run_one(nxt)
+            if batch:
+                self._run_batch(batch)
+
+    def _run_one(self, job) -> None:
+        kind, fn, fut, loop = job
+        if kind == "sync":
+            fn()
+            return
+        try:
+            self._resolve(fut, loop, value=fn())
+        except Exception as e:  # noqa: BLE001
+            self._resolve(fut, loop, exc=e)
+
+    def _run_batch(self, batch) -> None:
+        try:
+            with torch.inference_mode():
+                outs = self.decoder.decode([j[1] for j in batch])
+            for (_, _, fut, loop), audio in zip(batch, outs):
+                self._resolve(fut, loop, value=np.asarray(audio, dtype=np.float32))
+        except Exception as e:  # noqa: BLE001
+            logger.exception("speech decoder failed")
+            for _, _, fut, loop in batch:
+                self._resolve(fut, loop, exc=e)
+
+
+@dataclass
+class _Prepared:
+    request_id: str
+    params: TextToSpeechParams
+    engine_input: Any
+    sampling_params: Any
+    speed: float
+    fmt: str
+
+
+class OpenAIServingSpeech(GenerateBaseServing):
+    """Handler of ``/v1/audio/speech`` and ``/v1/audio/voices``."""
+
+    request_id_prefix = "speech"
+
+    def __init__(
+        self,
+        engine_client: EngineClient,
+        models: OpenAIServingModels,
+        *,
+        request_logger: RequestLogger | None,
+        voices_dir: str | None = None,
+        decode_device: str | None = None,
+    ):
+        super().__init__(engine_client=engine_client, models=models,
+                         request_logger=request_logger)
+        self.tts_config: TextToSpeechConfig = self.model_cls.get_speech_config(
+            self.model_config)
+        device = torch.device(decode_device) if decode_device else (
+            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        self.decoder = self.model_cls.get_speech_decoder(self.model_config, device)
+        self.worker = DecodeWorker(self.decoder)
+        self.ref_sample_rate = (self.tts_config.ref_audio_sample_rate
+                                or self.tts_config.sample_rate)
+        self.allowed_media_dir = self.model_config.allowed_local_media_path or None
+        self.voices: VoiceStore | None = None
+        if voices_dir:
+            self.voices = VoiceStore(voices_dir, self.ref_sample_rate, self._encode_sync)
+        logger.info("Speech generation ready: %d Hz, decoder on %s, voices in %s",
+                    self.tts_config.sample_rate, device, voices_dir or "(none)")
+
+    @cached_property
+    def model_cls(self) -> type[SupportsSpeechGeneration]:
+        from vllm.model_executor.model_loader import get_model_cls
+
+        return cast(type[SupportsSpeechGeneration], get_model_cls(self.model_config))
+
+    def _encode_sync(self, audio: np.ndarray, sr: int, ref_text: str) -> VoicePrompt:
+        # Called from the voice store (an executor thread): run on the
+        # decoder's thread like every decoder call.
+        return self.worker.call_sync(
+            lambda: self.decoder.encode_reference(audio, sr, ref_text))
+
+    # ------------------------------------------------------------ voices
+    async def add_voice(self, name: str, audio_bytes: bytes, ref_text: str) -> dict:
+        store = self._require_voices()
+        if not self.tts_config.supports_voice_cloning:
+            raise VLLMValidationError("this model does not support voice cloning",
+                                      parameter="audio")
+        audio = load_reference_audio(audio_bytes, self.ref_sample_rate,
+                                     self.tts_config.max_ref_audio_s)
+        return await asyncio.to_thread(store.add, name, audio, ref_text)
+
+    def list_voices(self) -> list[dict]:
+        store = self._require_voices()
+        return [store.info(n) for n in store.names()]
+
+    def delete_voice(self, name: str) -> None:
+        self._require_voices().delete(name)
+
+    def _require_voices(self) -> VoiceStore:
+        if self.voices is None:
+            raise VLLMValidationError(
+                "named voices need the server to be started with "
+                "--speech-voices-dir", parameter="voice")
+        return self.voices
+
+    # ------------------------------------------------------------ speech
+    async def _prepare(self, request: SpeechRequest,
+                       raw_request: Request | None) -> _Prepared:
+        cfg = self.tts_config
+        text = request.input.strip() if request.input else ""
+        if not text:
+            raise VLLMValidationError("input is empty", parameter="input")
+        if len(request.input) > cfg.max_input_chars:
+            raise VLLMValidationError(
+                f"input is {len(request.input)} characters; the limit is "
+                f"{cfg.max_input_chars}", parameter="input")
+        fmt = request.response_format.lower()
+        if fmt not in MEDIA_TYPES:
+            raise VLLMValidationError(
+                f"unsupported response_format {request.response_format!r}; "
+                f"use one of {', '.join(MEDIA_TYPES)}", parameter="response_format")
+        if request.stream_format is not None and fmt not in ("wav", "pcm"):
+            raise VLLMValidationError(
+                "streaming supports response_format wav or pcm",
+                parameter="response_format")
+        if not (SPEED_MIN <= request.speed <= SPEED_MAX):
+            raise VLLMValidationError(
+                f"speed must be in [{SPEED_MIN}, {SPEED_MAX}]", parameter="speed")
+        if request.instructions:
+            raise VLLMValidationError(
+                "this model does not take instructions", parameter="instructions")
+        if request.max_new_tokens is not None and \
+                request.max_new_tokens > self.model_config.max_model_len:
+            raise VLLMValidationError(
+                f"max_new_tokens exceeds the model's max_model_len "
+                f"({self.model_config.max_model_len})", parameter="max_new_tokens")
+
+        voice: VoicePrompt | None = None
+        speaker: str | None = None
+        if request.ref_audio is not None:
+            if not cfg.supports_voice_cloning:
+                raise VLLMValidationError(
+                    "this model does not support voice cloning", parameter="ref_audio")
+            if not request.ref_text or not request.ref_text.strip():
+                raise VLLMValidationError(
+                    "ref_text (the transcript of ref_audio) is required",
+                    parameter="ref_text")
+            data = read_reference_source(request.ref_audio, self.allowed_media_dir)
+            audio = await asyncio.to_thread(
+                load_reference_audio, data, self.ref_sample_rate, cfg.max_ref_audio_s)
+            ref_text = request.ref_text.strip()
+            voice = await self.worker.call(
+                lambda: self.decoder.encode_reference(
+                    audio, self.ref_sample_rate, ref_text))
+        elif request.voice in (None, "", "default"):
+            pass  # the model's default voice
+        elif self.voices is not None and self.voices.exists(request.voice):
+            voice = await asyncio.to_thread(self.voices.get, request.voice)
+        elif request.voice not in self.model_voices():
+            raise VLLMNotFoundError(
+                f"voice {request.voice!r} does not exist; registered voices: "
+                f"{self.voices.names() if self.voices else []}")
+        else:
+            speaker = request.voice
+
+        params = TextToSpeechParams(text=text, model_config=self.model_config,
+                                    voice=voice, speaker=speaker,
+                                    extra=dict(request.extra_args or {}))
+        sampling_kwargs: dict[str, Any] = dict(cfg.default_sampling)
+        for key in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+            value = getattr(request, key)
+            if value is not None:
+                sampling_kwargs[key] = value
+        sampling_kwargs["max_tokens"] = request.max_new_tokens or cfg.default_max_new_tokens
+        prompt = self.model_cls.get_speech_generation_prompt(params)
+        sampling_params = self.model_cls.get_speech_sampling_params(
+            params, sampling_kwargs)
+        engine_inputs = await self.renderer.render_cmpl_async(
+            [parse_model_prompt(self.model_config, prompt)])
+        request_id = f"{self.request_id_prefix}-" \
+            f"{self._base_request_id(raw_request, random_uuid())}"
+        return _Prepared(request_id, params, engine_inputs[0], sampling_params,
+                         request.speed, fmt)
+
+    def model_voices(self) -> list[str]:
+        """Preset speakers the model knows without reference audio."""
+        getter = getattr(self.model_cls, "get_speech_presets", None)
+        return list(getter(self.model_config)) if getter else []
+
+    async def _generate(self, p: _Prepared) -> AsyncGenerator[RequestOutput, None]:
+        gen = self.engine_client.generate(p.engine_input, p.sampling_params,
+                                          p.request_id)
+        try:
+            async for out in gen:
+                yield out
+        except asyncio.CancelledError:
+            await self.engine_client.abort(p.request_id)
+            raise
+
+    def _frames(self, out: RequestOutput) -> np.ndarray:
+        return self.model_cls.get_speech_frames(out.outputs[0], self.model_config)
+
+    async def create_speech(
+        self, request: SpeechRequest, raw_request: Request | None = None
+    ) -> tuple[bytes, str] | AsyncGenerator[bytes, None] | ErrorResponse:
+        error = await self._check_model(request)
+        if error is not None:
+            return error
+        try:
+            prepared = await self._prepare(request, raw_request)
+        except (VLLMValidationError, VLLMNotFoundError, ValueError) as e:
+            return self.create_error_response(e)
+        if request.stream_format is not None:
+            return self._stream(prepared, request.stream_format)
+        try:
+            t0 = time.monotonic()
+            final: RequestOutput | None = None
+            async for out in self._generate(prepared):
+                final = out
+            assert final is not None
+            frames = self._frames(final)
+            if len(frames) == 0:
+                audio = np.zeros(0, np.float32)
+            else:
+                audio = await self.worker.decode(frames)
+            audio = change_tempo(audio, prepared.speed, self.tts_config.sample_rate)
+            elapsed = time.monotonic() - t0
+            metrics.observe_request(elapsed, elapsed,
+                                    audio.size / self.tts_config.sample_rate)
+            body = await asyncio.to_thread(
+                encode_audio, audio, self.tts_config.sample_rate, prepared.fmt)
+        except (VLLMValidationError, ValueError) as e:
+            return self.create_error_response(e)
+        except Exception as e:  # noqa: BLE001
+            logger.exception("speech request %s failed", prepared.request_id)
+            return self.create_error_response(
+                f"speech generation failed: {e}", err_type="InternalServerError",
+                status_code=HTTPStatus.INTERNAL_SERVER_ERROR)
+        return body, MEDIA_TYPES[prepared.fmt]
+
+    async def _stream(self, p: _Prepared, stream_format: str) -> AsyncGenerator[bytes, None]:
+        sr = self.tts_config.sample_rate
+        spf = self.decoder.samples_per_frame
+        ctx = self.decoder.stream_left_context
+        t0 = time.monotonic()
+        first_audio_s: float | None = None
+        sent_frames = 0
+        total_samples = 0
+
+        def emit(audio: np.ndarray) -> bytes:
+            if stream_format == "sse":
+                event = {"type": "speech.audio.delta",
+                         "audio": base64.b64encode(pcm16(audio)).decode()}
+                return f"data: {json.dumps(event)}\n\n".encode()
+            return pcm16(audio)
+
+        async def decode_upto(frames: np.ndarray, end: int) -> np.ndarray:
+            start = max(0, sent_frames - ctx)
+            audio = await self.worker.decode(frames[start:end])
+            return audio[(sent_frames - start) * spf:]
+
+        try:
+            if stream_format == "audio" and p.fmt == "wav":
+                yield wav_stream_header(sr)
+            frames = None
+            async for out in self._generate(p):
+                frames = self._frames(out)
+                target = STREAM_FIRST_CHUNK_FRAMES if sent_frames == 0 \
+                    else STREAM_CHUNK_FRAMES
+                if len(frames) - sent_frames >= target and not out.finished:
+                    audio = change_tempo(await decode_upto(frames, len(frames)),
+                                         p.speed, sr)
+                    sent_frames = len(frames)
+                    if first_audio_s is None:
+                        first_audio_s = time.monotonic() - t0
+                    total_samples += audio.size
+                    yield emit(audio)
+            if frames is not None and len(frames) > sent_frames:
+                audio = change_tempo(await decode_upto(frames, len(frames)), p.speed, sr)
+                sent_frames = len(frames)
+                if first_audio_s is None:
+                    first_audio_s = time.monotonic() - t0
+                total_samples += audio.size
+                yield emit(audio)
+            elapsed = time.monotonic() - t0
+            metrics.observe_request(first_audio_s or elapsed, elapsed, total_samples / sr)
+            if stream_format == "sse":
+                done = {"type": "speech.audio.done",
+                        "usage": {"input_tokens": len(p.engine_input.get("prompt_token_ids", []))
+                                  if isinstance(p.engine_input, dict) else 0,
+                                  "output_tokens": sent_frames,
+                                  "audio_seconds": round(total_samples / sr, 3)}}
+                yield f"data: {json.dumps(done)}\n\n".encode()
+        except Exception as e:  # noqa: BLE001
+            logger.exception("speech stream %s failed", p.request_id)
+            if stream_format == "sse":
+                err = {"type": "error", "error": {"message": str(e)}}
+                yield f"data: {json.dumps(err)}\n\n".encode()
+            raise
