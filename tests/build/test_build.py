@@ -221,6 +221,16 @@ def test_openai_server_generates_like_transformers(demo_checkpoint):
             model=str(demo_checkpoint), prompt=prompt, max_tokens=12,
             temperature=0.0, extra_body={"ignore_eos": True,
                                          "return_token_ids": True})
+        # A TTS route on a text model: a clear 400, and the engine is unharmed.
+        import openai
+        with pytest.raises(openai.BadRequestError,
+                           match="does not support speech generation"):
+            client.audio.speech.create(model=str(demo_checkpoint), voice="default",
+                                       input="hello")
+        again = client.completions.create(
+            model=str(demo_checkpoint), prompt=prompt, max_tokens=12,
+            temperature=0.0, extra_body={"ignore_eos": True})
+        assert again.choices[0].text == res.choices[0].text
     choice = res.choices[0]
     got = getattr(choice, "token_ids", None) or (choice.model_extra or {}).get("token_ids")
     assert got == ref, (got, ref, json.dumps(res.model_dump())[:500])

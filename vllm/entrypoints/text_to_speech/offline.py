@@ -1,0 +1,140 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""Offline text to speech, beside ``LLM``.
+
+    from vllm.entrypoints.text_to_speech.offline import SpeechSynthesizer
+
+    tts = SpeechSynthesizer("/path/to/openaudio-s1-mini")
+    voice = tts.encode_voice("ref.wav", "transcript of ref.wav")
+    outs = tts.synthesize(["Hello.", "Second sentence."], voice=voice)
+    outs[0].audio, outs[0].sample_rate
+
+All texts of one call are generated as one batch by the engine; the decoder
+runs in this process.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from vllm.config.text_to_speech import TextToSpeechParams, VoicePrompt
+from vllm.entrypoints.text_to_speech.audio import change_tempo, load_reference_audio
+from vllm.entrypoints.text_to_speech.protocol import SPEED_MAX, SPEED_MIN
+from vllm.model_executor.models.interfaces import (
+    SupportsSpeechGeneration,
+    supports_speech_generation,
+)
+
+
+@dataclass
+class SpeechOutput:
+    text: str
+    audio: np.ndarray
+    """float32 mono waveform."""
+    sample_rate: int
+    frames: np.ndarray
+    """The generated frames the audio was decoded from."""
+
+
+class SpeechSynthesizer:
+    """Synthesize lists of texts to waveforms with a speech model."""
+
+    def __init__(self, model: str, *, decode_device: str | None = None,
+                 **llm_kwargs: Any):
+        from vllm import LLM
+        from vllm.model_executor.model_loader import get_model_cls
+
+        self.llm = LLM(model=model, **llm_kwargs)
+        self.model_config = self.llm.llm_engine.model_config
+        model_cls = get_model_cls(self.model_config)
+        if not supports_speech_generation(model_cls):
+            raise ValueError(f"{model!r} ({model_cls.__name__}) is not a speech "
+                             "generation model")
+        self.model_cls = cast(type[SupportsSpeechGeneration], model_cls)
+        self.config = self.model_cls.get_speech_config(self.model_config)
+        device = torch.device(decode_device) if decode_device else (
+            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        self.decoder = self.model_cls.get_speech_decoder(self.model_config, device)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    def encode_voice(self, ref_audio: str | Path | np.ndarray, ref_text: str,
+                     sample_rate: int | None = None) -> VoicePrompt:
+        """Encode reference audio (a file or a float waveform with its
+        ``sample_rate``) and its transcript into a reusable voice."""
+        if not self.config.supports_voice_cloning:
+            raise ValueError("this model does not support voice cloning")
+        if not ref_text or not ref_text.strip():
+            raise ValueError("ref_text (the transcript of ref_audio) is required")
+        target = self.config.ref_audio_sample_rate or self.config.sample_rate
+        if isinstance(ref_audio, np.ndarray):
+            if sample_rate is None:
+                raise ValueError("sample_rate is required with a waveform")
+            import io
+
+            import soundfile
+
+            buf = io.BytesIO()
+            soundfile.write(buf, ref_audio.astype(np.float32), sample_rate, format="WAV")
+            data = buf.getvalue()
+        else:
+            data = Path(ref_audio).read_bytes()
+        audio = load_reference_audio(data, target, self.config.max_ref_audio_s)
+        with torch.inference_mode():
+            return self.decoder.encode_reference(audio, target, ref_text.strip())
+
+    def synthesize(
+        self,
+        texts: str | list[str],
+        *,
+        voice: VoicePrompt | None = None,
+        speaker: str | None = None,
+        speed: float = 1.0,
+        max_new_tokens: int | None = None,
+        extra_args: dict[str, Any] | None = None,
+        use_tqdm: bool = False,
+        **sampling: Any,
+    ) -> list[SpeechOutput]:
+        """Generate speech for each text. ``sampling``: temperature, top_p,
+        top_k, repetition_penalty, seed (model defaults otherwise)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not (SPEED_MIN <= speed <= SPEED_MAX):
+            raise ValueError(f"speed must be in [{SPEED_MIN}, {SPEED_MAX}]")
+        unknown = set(sampling) - {"temperature", "top_p", "top_k",
+                                   "repetition_penalty", "seed"}
+        if unknown:
+            raise TypeError(f"unknown sampling options: {sorted(unknown)}")
+        prompts, params_list = [], []
+        for text in texts:
+            if not text or not text.strip():
+                raise ValueError("texts must not be empty")
+            if len(text) > self.config.max_input_chars:
+                raise ValueError(f"text of {len(text)} characters exceeds the "
+                                 f"limit of {self.config.max_input_chars}")
+            params = TextToSpeechParams(text=text.strip(), model_config=self.model_config,
+                                        voice=voice, speaker=speaker,
+                                        extra=dict(extra_args or {}))
+            kwargs = dict(self.config.default_sampling)
+            kwargs.update({k: v for k, v in sampling.items() if v is not None})
+            kwargs["max_tokens"] = max_new_tokens or self.config.default_max_new_tokens
+            prompts.append(self.model_cls.get_speech_generation_prompt(params))
+            params_list.append(self.model_cls.get_speech_sampling_params(params, kwargs))
+        outputs = self.llm.generate(prompts, params_list, use_tqdm=use_tqdm)
+        frames = [self.model_cls.get_speech_frames(o.outputs[0], self.model_config)
+                  for o in outputs]
+        with torch.inference_mode():
+            nonempty = [f for f in frames if len(f)]
+            decoded = iter(self.decoder.decode(nonempty) if nonempty else [])
+        results = []
+        for text, f in zip(texts, frames):
+            audio = np.asarray(next(decoded), np.float32) if len(f) \
+                else np.zeros(0, np.float32)
+            audio = change_tempo(audio, speed, self.sample_rate)
+            results.append(SpeechOutput(text, audio, self.sample_rate, f))
+        return results
