@@ -1,0 +1,304 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Fish Speech codecs vs the original implementation.
+
+Modded DAC (OpenAudio S1/S2): the oracle is ``fish-speech==0.1.0`` (the S1
+code) on top of ``descript-audio-codec``; a tiny random codec is built with
+the original classes and saved as ``codec.pth`` exactly as the release file
+is keyed (including S1's persistent ``causal_mask`` / ``freqs_cis``
+buffers), then loaded with ``vllm.model_executor.models.fish_speech_codec``.
+"""
+
+import functools
+
+import pytest
+import torch
+
+from vllm.model_executor.models.fish_speech_codec import (FishDAC,
+                                                          FishDACConfig)
+
+FRAME = 2048
+QUANT_WINDOW = 5  # small, so that the window-limited mask matters
+WN_GAIN = 0.7  # keeps the tiny decoder out of tanh saturation
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Random weights that make every part of the network matter (the
+    original init leaves LayerScale at 1e-2 / 1e-6 and biases at 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.rand(p.shape, generator=g)
+            if name.endswith("alpha"):
+                p.copy_(0.5 + r)
+            elif name.endswith("gamma"):
+                p.copy_(0.2 + 0.3 * r)
+            elif name.endswith((".original0", ".weight_g")):
+                p.copy_(WN_GAIN * (0.5 + r))  # weight-norm gain
+            elif name.endswith("bias"):
+                p.copy_(0.1 * (r - 0.5))
+            elif name.endswith("norm.weight") or ".norm." in name:
+                p.copy_(0.8 + 0.4 * r)
+            elif name.endswith("codebook.weight"):
+                pass
+            else:
+                # linear / conv weights: scale so activations stay O(1)
+                fan_in = p[0].numel() if p.ndim > 1 else 1
+                p.copy_((r - 0.5) * 2 * (3.0 / fan_in)**0.5)
+
+
+@functools.cache
+def _reference_dac(seed: int = 0):
+    from fish_speech.models.dac.modded_dac import (DAC, ModelArgs,
+                                                   WindowLimitedTransformer)
+    from fish_speech.models.dac.rvq import DownsampleResidualVectorQuantize
+
+    torch.manual_seed(seed)
+    latent = 128
+
+    def quant_transformer():
+        return WindowLimitedTransformer(
+            causal=True,
+            window_size=QUANT_WINDOW,
+            input_dim=latent,
+            config=ModelArgs(block_size=256, n_layer=2, n_head=2, dim=latent,
+                             intermediate_size=3 * latent, n_local_heads=-1,
+                             head_dim=64, rope_base=10000, norm_eps=1e-5,
+                             dropout_rate=0.1, attn_dropout_rate=0.1,
+                             channels_first=True))
+
+    quantizer = DownsampleResidualVectorQuantize(
+        input_dim=latent, n_codebooks=9, codebook_size=1024, codebook_dim=8,
+        quantizer_dropout=0.5, downsample_factor=[2, 2],
+        pre_module=quant_transformer(), post_module=quant_transformer(),
+        semantic_codebook_size=4096)
+    general = functools.partial(ModelArgs, block_size=1024,
+                                n_local_heads=-1, head_dim=64,
+                                rope_base=10000, norm_eps=1e-5,
+                                dropout_rate=0.1, attn_dropout_rate=0.1,
+                                channels_first=True)
+    dac = DAC(encoder_dim=8, encoder_rates=[2, 4, 8, 8], decoder_dim=64,
+              decoder_rates=[8, 8, 4, 2], quantizer=quantizer,
+              sample_rate=44100, causal=True,
+              encoder_transformer_layers=[0, 0, 0, 2],
+              decoder_transformer_layers=[2, 0, 0, 0],
+              transformer_general_config=general)
+    _randomize(dac, seed)
+    return dac.eval()
+
+
+@pytest.fixture(scope="module")
+def dac_files(tmp_path_factory):
+    ref = _reference_dac()
+    path = tmp_path_factory.mktemp("s1codec") / "codec.pth"
+    torch.save(ref.state_dict(), path)
+    return ref, path
+
+
+def _random_codes(b: int, t: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([
+        torch.randint(0, 4096, (b, 1, t), generator=g),
+        torch.randint(0, 1024, (b, 9, t), generator=g)
+    ], 1)
+
+
+def _test_audio(b: int, n: int, seed: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(n) / 44100
+    f = 100 + 400 * torch.rand(b, 1, 1, generator=g)
+    return 0.5 * torch.sin(2 * torch.pi * f * t) + 0.05 * torch.randn(
+        b, 1, n, generator=g)
+
+
+def _load(path, **kw) -> FishDAC:
+    return FishDAC.from_pretrained(path, quantizer_window_size=QUANT_WINDOW,
+                                   **kw)
+
+
+# ---------------------------------------------------------------- modded DAC
+
+
+def test_dac_default_config_matches_release_layout():
+    """FishDAC() at default sizes has exactly the tensors (names and shapes)
+    of the original DAC built from modded_dac_vq.yaml, except S1's mask and
+    rope buffers; and the sizes read back from such a state dict are the
+    defaults."""
+    import os
+
+    import fish_speech.models.dac.modded_dac as md
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    yaml = os.path.join(os.path.dirname(md.__file__), "..", "..", "configs",
+                        "modded_dac_vq.yaml")
+    with torch.device("meta"):
+        ref = instantiate(OmegaConf.load(yaml))
+        ours = FishDAC()
+    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    our_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    skipped = {k for k in ref_shapes if k.endswith(("causal_mask",
+                                                     "freqs_cis"))}
+    assert len(skipped) == 6
+    assert {k: v
+            for k, v in ref_shapes.items() if k not in skipped} == our_shapes
+    assert FishDACConfig.from_state_dict(ref.state_dict()) == FishDACConfig()
+    n_params = sum(p.numel() for p in ours.parameters())
+    assert 385e6 < n_params < 395e6
+
+
+def test_dac_attributes(dac_files):
+    _, path = dac_files
+    codec = _load(path)
+    assert codec.sample_rate == 44100
+    assert codec.hop_length == 512
+    assert codec.frame_length == 2048
+    assert codec.frame_rate == pytest.approx(44100 / 2048)
+    assert codec.num_codebooks == 10
+
+
+def test_dac_decode_parity(dac_files):
+    ref, path = dac_files
+    codec = _load(path)
+    assert codec.config.latent_dim == 128
+    assert codec.config.decoder_rates == (8, 8, 4, 2)
+    assert codec.config.quantizer_transformer.n_layer == 2
+    t = 3 * QUANT_WINDOW + 2  # longer than the attention window
+    codes = _random_codes(2, t)
+    with torch.no_grad():
+        expected, lengths = ref.decode(codes, torch.tensor([t, t]))
+    audio = codec.decode(codes)
+    assert audio.shape == (2, 1, t * FRAME) == expected.shape
+    # the random codec must produce a real signal, not tanh saturation
+    assert 0.02 < expected.std() < 0.5
+    assert _rel_err(audio, expected) <= 1e-3
+    # 2-D codes [10, T] are one batch item
+    assert _rel_err(codec.decode(codes[1]), expected[1:]) <= 1e-3
+
+
+def test_dac_decode_only_loader(dac_files):
+    ref, path = dac_files
+    codec = _load(path, with_encoder=False)
+    assert codec.encoder is None
+    codes = _random_codes(1, 4, seed=7)
+    with torch.no_grad():
+        expected, _ = ref.decode(codes, torch.tensor([4]))
+    assert _rel_err(codec.decode(codes), expected) <= 1e-3
+    with pytest.raises(RuntimeError, match="without its encoder"):
+        codec.encode(torch.zeros(1, 1, FRAME))
+
+
+def test_dac_loader_rejects_bad_weights(dac_files, tmp_path):
+    _, path = dac_files
+    sd = torch.load(path, weights_only=True)
+    # wrapped as a training checkpoint: also accepted
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": {f"generator.{k}": v
+                               for k, v in sd.items()}}, wrapped)
+    _load(wrapped)
+
+    config = _load(path).config
+
+    missing = dict(sd)
+    del missing["decoder.model.2.block.1.conv.parametrizations.weight."
+                "original0"]
+    with pytest.raises(ValueError, match="missing.*decoder.model.2.block.1"):
+        FishDAC(config).load_codec_state_dict(missing)
+
+    bad_shape = dict(sd)
+    bad_shape["quantizer.quantizer.quantizers.3.codebook.weight"] = (
+        torch.zeros(1024, 4))
+    with pytest.raises(ValueError, match="shape mismatch.*quantizers.3"):
+        FishDAC(config).load_codec_state_dict(bad_shape)
+
+    extra = dict(sd)
+    extra["decoder.model.9.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="unexpected.*decoder.model.9"):
+        FishDAC(config).load_codec_state_dict(extra)
+
+
+def test_dac_encode_parity(dac_files):
+    ref, path = dac_files
+    codec = _load(path)
+    # > 512 encoder-transformer steps (hop 512), so its window matters too;
+    # the length is not a whole number of frames (right-padded like the
+    # original)
+    n = 130 * FRAME + 777
+    audio = _test_audio(2, n)
+    with torch.no_grad():
+        expected, _ = ref.encode(audio)
+    codes = codec.encode(audio)
+    assert codes.shape == (2, 10, 131) == expected.shape
+    # nearest-codebook search on identical float computations: identical
+    assert torch.equal(codes, expected)
+    assert codes[:, 0].max() < 4096 and codes[:, 1:].max() < 1024
+    # several distinct codes: the test is not degenerate
+    assert codes[0, 0].unique().numel() > 5
+    assert torch.equal(codec.encode(audio[:, 0]), expected)
+
+
+@pytest.mark.parametrize("chunks", [[1] * 12, [3, 4, 5], [7, 1, 2, 2],
+                                    [12]])
+def test_dac_streaming_decode(dac_files, chunks):
+    _, path = dac_files
+    codec = _load(path)
+    t = sum(chunks)
+    codes = _random_codes(2, t, seed=11)
+    full = codec.decode(codes)
+    stream = codec.streaming_decoder()
+    pieces, start = [], 0
+    for n in chunks:
+        piece = stream.decode(codes[:, :, start:start + n])
+        assert piece.shape == (2, 1, n * FRAME)
+        pieces.append(piece)
+        start += n
+    assert stream.frames == t
+    joined = torch.cat(pieces, dim=-1)
+    assert (joined - full).abs().max().item() <= 1e-5
+    assert _rel_err(joined, full) <= 1e-5
+    # a reset stream starts over
+    stream.reset()
+    assert _rel_err(stream.decode(codes[:, :, :3]), full[..., :3 * FRAME]
+                    ) <= 1e-5
+
+
+def test_dac_streaming_needs_its_state(dac_files):
+    """Without the carried state a chunk differs from the one-shot output
+    (so the streaming test above can fail)."""
+    _, path = dac_files
+    codec = _load(path)
+    codes = _random_codes(1, 10, seed=12)
+    full = codec.decode(codes)
+    fresh = codec.decode(codes[:, :, 6:])
+    assert _rel_err(fresh, full[..., 6 * FRAME:]) > 1e-2
+
+
+def test_dac_bad_codes(dac_files):
+    _, path = dac_files
+    codec = _load(path)
+    codes = _random_codes(1, 5)
+    bad = codes.clone()
+    bad[0, 0, 2] = 4096
+    with pytest.raises(ValueError, match="semantic codes"):
+        codec.decode(bad)
+    bad = codes.clone()
+    bad[0, 4, 1] = 1024
+    with pytest.raises(ValueError, match="residual codes"):
+        codec.decode(bad)
+    bad = codes.clone()
+    bad[0, 3, 0] = -1
+    with pytest.raises(ValueError, match="residual codes"):
+        codec.decode(bad)
+    with pytest.raises(ValueError, match=r"\[B, 10, T\]"):
+        codec.decode(codes[:, :8])
+    with pytest.raises(ValueError, match=r"\[B, 10, T\]"):
+        codec.decode(codes[None])
+    with pytest.raises(ValueError, match="no frames"):
+        codec.decode(codes[..., :0])
+    with pytest.raises(TypeError, match="integers"):
+        codec.decode(codes.float())
+    with pytest.raises(ValueError, match="semantic codes"):
+        codec.streaming_decoder().decode(codes + 5000)

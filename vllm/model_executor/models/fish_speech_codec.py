@@ -1,0 +1,995 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Fish Speech audio codecs in plain PyTorch.
+
+``FishDAC``: the "modded DAC" codec of OpenAudio S1 / S2 (``codec.pth``):
+44.1 kHz audio, 2048 samples per code frame (21.53 Hz), 10 codebooks (one
+semantic book of 4096 entries, nine residual books of 1024 entries).
+
+The module tree mirrors the parameter names of the released ``codec.pth`` so
+that the file loads without renaming:
+
+* convolutions of the encoder / decoder keep the weight-norm parametrization
+  as stored (``conv.parametrizations.weight.original0`` = g,
+  ``original1`` = v);
+* the vector quantizers keep the legacy weight-norm names
+  (``in_proj.weight_g`` / ``weight_v``);
+* the quantizer's resampling convolutions and ConvNeXt blocks are plain.
+
+The persistent ``causal_mask`` / ``freqs_cis`` buffers of S1 files are not
+model state here (masks and rotary tables are built on the fly) and are
+skipped by the loader.
+
+Everything is causal, so the decoder also runs incrementally
+(:class:`FishDACStreamingDecoder`): every causal convolution keeps the last
+``(kernel - 1) * dilation`` input samples, each transposed convolution the
+input frames that overlap the next chunk, and each window-limited
+transformer layer the keys / values of the last ``window - 1`` positions.
+Chunked output therefore equals the one-shot decode (up to float summation
+order).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+# Stream state: maps a module to whatever it needs to carry between chunks.
+StreamState = dict[nn.Module, Any]
+
+# Buffers that S1's codec.pth stores but that carry no learned state.
+_SKIPPED_BUFFER_SUFFIXES = (".causal_mask", ".freqs_cis")
+
+
+# --------------------------------------------------------------------------
+# Parameter holders named like the release file
+# --------------------------------------------------------------------------
+
+
+class _WeightNormWeight(nn.Module):
+    """``parametrizations.weight`` of torch's new-style weight norm."""
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        super().__init__()
+        g_shape = (shape[0], ) + (1, ) * (len(shape) - 1)
+        self.original0 = nn.Parameter(torch.ones(g_shape))  # g
+        self.original1 = nn.Parameter(torch.empty(shape))  # v
+        nn.init.normal_(self.original1, std=0.02)
+
+    def forward(self) -> torch.Tensor:
+        return torch._weight_norm(self.original1, self.original0, 0)
+
+
+class _WeightNormParametrizations(nn.Module):
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        super().__init__()
+        self.weight = _WeightNormWeight(shape)
+
+
+class _ConvParams(nn.Module):
+    """Weight + bias of one convolution.
+
+    ``norm``: ``None`` (plain ``weight``), ``"param"`` (new-style weight norm,
+    ``parametrizations.weight.original0/1``) or ``"legacy"`` (old-style
+    ``weight_g`` / ``weight_v``).
+    """
+
+    def __init__(self, shape: Sequence[int], bias_size: int,
+                 norm: str | None) -> None:
+        super().__init__()
+        self.norm = norm
+        if norm is None:
+            self.weight = nn.Parameter(torch.empty(shape))
+            nn.init.normal_(self.weight, std=0.02)
+        elif norm == "param":
+            self.parametrizations = _WeightNormParametrizations(shape)
+        elif norm == "legacy":
+            g_shape = (shape[0], ) + (1, ) * (len(shape) - 1)
+            self.weight_g = nn.Parameter(torch.ones(g_shape))
+            self.weight_v = nn.Parameter(torch.empty(shape))
+            nn.init.normal_(self.weight_v, std=0.02)
+        else:
+            raise ValueError(f"unknown weight norm kind {norm!r}")
+        self.bias = nn.Parameter(torch.zeros(bias_size))
+
+    def get_weight(self) -> torch.Tensor:
+        if self.norm is None:
+            return self.weight
+        if self.norm == "param":
+            return self.parametrizations.weight()
+        return torch._weight_norm(self.weight_v, self.weight_g, 0)
+
+
+# --------------------------------------------------------------------------
+# Causal convolutions
+# --------------------------------------------------------------------------
+
+
+class CausalConv1d(nn.Module):
+    """Conv1d padded on the left by ``(k - 1) * d + 1 - stride`` and on the
+    right up to a whole number of output frames (as the original
+    ``CausalConvNet``)."""
+
+    def __init__(self,
+                 in_channels: int,
+                 out_channels: int,
+                 kernel_size: int,
+                 stride: int = 1,
+                 dilation: int = 1,
+                 groups: int = 1,
+                 norm: str | None = "param") -> None:
+        super().__init__()
+        self.conv = _ConvParams(
+            (out_channels, in_channels // groups, kernel_size), out_channels,
+            norm)
+        self.stride = stride
+        self.dilation = dilation
+        self.groups = groups
+        self.effective_kernel = (kernel_size - 1) * dilation + 1
+        self.left_pad = self.effective_kernel - stride
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv1d(x,
+                        self.conv.get_weight(),
+                        self.conv.bias,
+                        stride=self.stride,
+                        dilation=self.dilation,
+                        groups=self.groups)
+
+    def forward(self,
+                x: torch.Tensor,
+                state: StreamState | None = None) -> torch.Tensor:
+        if state is not None:
+            return self._forward_stream(x, state)
+        length = x.shape[-1]
+        k, s, p = self.effective_kernel, self.stride, self.left_pad
+        # Number of output frames, rounded up; pad the right so that the
+        # last (partial) frame is computed.
+        n_out = -(-(length - k + p) // s) + 1
+        right_pad = (n_out - 1) * s + k - p - length
+        x = F.pad(x, (p, right_pad))
+        return self._conv(x)
+
+    def _forward_stream(self, x: torch.Tensor,
+                        state: StreamState) -> torch.Tensor:
+        if self.stride != 1:
+            raise NotImplementedError(
+                "streaming is only defined for stride-1 causal convolutions")
+        p = self.left_pad
+        if p == 0:
+            return self._conv(x)
+        past = state.get(self)
+        if past is None:
+            past = x.new_zeros(x.shape[0], x.shape[1], p)
+        x = torch.cat([past, x], dim=-1)
+        state[self] = x[..., -p:]
+        return self._conv(x)
+
+
+class CausalConvTranspose1d(nn.Module):
+    """ConvTranspose1d trimmed by ``kernel - stride`` samples on the right
+    (the original ``CausalTransConvNet``): output frame block ``i`` depends
+    on input frames ``i - ceil(k / s) + 1 .. i`` only."""
+
+    def __init__(self,
+                 in_channels: int,
+                 out_channels: int,
+                 kernel_size: int,
+                 stride: int,
+                 norm: str | None = "param") -> None:
+        super().__init__()
+        self.conv = _ConvParams((in_channels, out_channels, kernel_size),
+                                out_channels, norm)
+        self.kernel_size = kernel_size
+        self.stride = stride
+        # input frames of left context that overlap the current output
+        self.context = -(-kernel_size // stride) - 1
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv_transpose1d(x,
+                                  self.conv.get_weight(),
+                                  self.conv.bias,
+                                  stride=self.stride)
+
+    def forward(self,
+                x: torch.Tensor,
+                state: StreamState | None = None) -> torch.Tensor:
+        n = x.shape[-1]
+        s = self.stride
+        if state is None or self.context == 0:
+            y = self._conv(x)
+            return y[..., :n * s]
+        c = self.context
+        past = state.get(self)
+        if past is None:
+            # Zero input frames add nothing (the bias is added per output
+            # sample, not per input frame), so they stand for "no input".
+            past = x.new_zeros(x.shape[0], x.shape[1], c)
+        xc = torch.cat([past, x], dim=-1)
+        state[self] = xc[..., -c:]
+        y = self._conv(xc)
+        return y[..., c * s:c * s + n * s]
+
+
+class Snake1d(nn.Module):
+    """``x + sin(alpha * x)^2 / (alpha + 1e-9)``, one alpha per channel."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1, channels, 1))
+
+    def forward(self,
+                x: torch.Tensor,
+                state: StreamState | None = None) -> torch.Tensor:
+        return x + (self.alpha + 1e-9).reciprocal() * torch.sin(
+            self.alpha * x).pow(2)
+
+
+class _Tanh(nn.Module):
+
+    def forward(self,
+                x: torch.Tensor,
+                state: StreamState | None = None) -> torch.Tensor:
+        return torch.tanh(x)
+
+
+class _Identity(nn.Module):
+
+    def forward(self,
+                x: torch.Tensor,
+                state: StreamState | None = None) -> torch.Tensor:
+        return x
+
+
+class _Chain(nn.ModuleList):
+    """nn.Sequential whose members take the stream state."""
+
+    def forward(self,
+                x: torch.Tensor,
+                state: StreamState | None = None) -> torch.Tensor:
+        for module in self:
+            x = module(x, state)
+        return x
+
+
+class ResidualUnit(nn.Module):
+
+    def __init__(self, dim: int, dilation: int) -> None:
+        super().__init__()
+        self.block = _Chain([
+            Snake1d(dim),
+            CausalConv1d(dim, dim, 7, dilation=dilation),
+            Snake1d(dim),
+            CausalConv1d(dim, dim, 1),
+        ])
+
+    def forward(self,
+                x: torch.Tensor,
+                state: StreamState | None = None) -> torch.Tensor:
+        return x + self.block(x, state)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Causal depthwise conv (k7) -> LayerNorm -> MLP(4x, GELU) -> gamma,
+    with a residual connection (channels-first in and out)."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0,
+                 kernel_size: int = 7) -> None:
+        super().__init__()
+        hidden = int(mlp_ratio * dim)
+        self.dwconv = CausalConv1d(dim,
+                                   dim,
+                                   kernel_size,
+                                   groups=dim,
+                                   norm=None)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, hidden)
+        self.pwconv2 = nn.Linear(hidden, dim)
+        self.gamma = nn.Parameter(torch.full((dim, ), 1e-6))
+
+    def forward(self,
+                x: torch.Tensor,
+                state: StreamState | None = None) -> torch.Tensor:
+        h = self.dwconv(x, state).transpose(1, 2)
+        h = self.pwconv2(F.gelu(self.pwconv1(self.norm(h))))
+        return x + (self.gamma * h).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------
+# Window-limited causal transformer
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class FishDACTransformerConfig:
+    n_layer: int = 8
+    n_head: int = 16
+    dim: int = 1024
+    intermediate_size: int = 3072
+    head_dim: int = 64
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    window_size: int | None = 128
+
+
+class _RMSNorm(nn.Module):
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+class _LayerScale(nn.Module):
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim, ), 1e-2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+def _rope_tables(positions: torch.Tensor, head_dim: int,
+                 base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos / sin [T, head_dim // 2] for absolute positions.
+
+    The original keeps its table in bfloat16, so the values are rounded
+    through bfloat16 here too (then used in float32)."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (base**(
+        torch.arange(0, head_dim, 2, device=positions.device)[:half].float() /
+        head_dim))
+    angles = torch.outer(positions.float(), inv_freq)
+    rot = torch.polar(torch.ones_like(angles), angles)
+    cos = rot.real.to(torch.bfloat16).float()
+    sin = rot.imag.to(torch.bfloat16).float()
+    return cos, sin
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved (GPT-J style) rotary embedding; x [B, T, H, D]."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c = cos[None, :, None, :]
+    s = sin[None, :, None, :]
+    out = torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+class _Attention(nn.Module):
+
+    def __init__(self, cfg: FishDACTransformerConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.head_dim = cfg.head_dim
+        inner = cfg.n_head * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, 3 * inner, bias=False)
+        self.wo = nn.Linear(inner, cfg.dim, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        b, t, _ = x.shape
+        q, k, v = self.wqkv(x).view(b, t, 3, self.n_head,
+                                    self.head_dim).unbind(2)
+        q = _apply_rope(q, cos, sin).transpose(1, 2)
+        k = _apply_rope(k, cos, sin).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)
+        return self.wo(y), (k, v)
+
+
+class _FeedForward(nn.Module):
+
+    def __init__(self, cfg: FishDACTransformerConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class _TransformerBlock(nn.Module):
+
+    def __init__(self, cfg: FishDACTransformerConfig) -> None:
+        super().__init__()
+        self.attention = _Attention(cfg)
+        self.feed_forward = _FeedForward(cfg)
+        self.attention_norm = _RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = _RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_layer_scale = _LayerScale(cfg.dim)
+        self.ffn_layer_scale = _LayerScale(cfg.dim)
+
+    def forward(self, x, cos, sin, mask, past):
+        a, kv = self.attention(self.attention_norm(x), cos, sin, mask, past)
+        h = x + self.attention_layer_scale(a)
+        out = h + self.ffn_layer_scale(self.feed_forward(self.ffn_norm(h)))
+        return out, kv
+
+
+class WindowLimitedTransformer(nn.Module):
+    """Causal transformer over [B, C, T] whose attention sees the last
+    ``window_size`` positions (itself included)."""
+
+    def __init__(self, cfg: FishDACTransformerConfig,
+                 input_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(
+            _TransformerBlock(cfg) for _ in range(cfg.n_layer))
+        self.norm = _RMSNorm(cfg.dim, cfg.norm_eps)
+        if input_dim != cfg.dim:
+            self.input_proj = nn.Linear(input_dim, cfg.dim)
+            self.output_proj = nn.Linear(cfg.dim, input_dim)
+        else:
+            self.input_proj = None
+            self.output_proj = None
+
+    def forward(self,
+                x: torch.Tensor,
+                state: StreamState | None = None) -> torch.Tensor:
+        x = x.transpose(1, 2)
+        if self.input_proj is not None:
+            x = self.input_proj(x)
+        t = x.shape[1]
+        start, past = 0, [None] * len(self.layers)
+        if state is not None and self in state:
+            start, past = state[self]
+        past_len = 0 if past[0] is None else past[0][0].shape[2]
+        q_pos = torch.arange(start, start + t, device=x.device)
+        k_pos = torch.arange(start - past_len, start + t, device=x.device)
+        mask = k_pos[None, :] <= q_pos[:, None]
+        window = self.cfg.window_size
+        if window is not None:
+            mask &= k_pos[None, :] > q_pos[:, None] - window
+        mask = mask[None, None]
+        cos, sin = _rope_tables(q_pos, self.cfg.head_dim, self.cfg.rope_base)
+        new_past = []
+        for layer, kv in zip(self.layers, past):
+            x, kv = layer(x, cos, sin, mask, kv)
+            if state is not None:
+                if window is not None:
+                    kv = (kv[0][:, :, -(window - 1):],
+                          kv[1][:, :, -(window - 1):]) if window > 1 else (
+                              kv[0][:, :, :0], kv[1][:, :, :0])
+                new_past.append(kv)
+        if state is not None:
+            state[self] = (start + t, new_past)
+        x = self.norm(x)
+        if self.output_proj is not None:
+            x = self.output_proj(x)
+        return x.transpose(1, 2)
+
+
+# --------------------------------------------------------------------------
+# Encoder / decoder
+# --------------------------------------------------------------------------
+
+
+class EncoderBlock(nn.Module):
+
+    def __init__(self, dim: int, stride: int,
+                 transformer: FishDACTransformerConfig | None) -> None:
+        super().__init__()
+        half = dim // 2
+        self.block = _Chain([
+            ResidualUnit(half, 1),
+            ResidualUnit(half, 3),
+            ResidualUnit(half, 9),
+            Snake1d(half),
+            CausalConv1d(half, dim, 2 * stride, stride=stride),
+            (WindowLimitedTransformer(transformer, dim)
+             if transformer is not None else _Identity()),
+        ])
+
+    def forward(self, x, state=None):
+        return self.block(x, state)
+
+
+class Encoder(nn.Module):
+
+    def __init__(self, cfg: FishDACConfig) -> None:
+        super().__init__()
+        d = cfg.encoder_dim
+        blocks: list[nn.Module] = [CausalConv1d(1, d, 7)]
+        for stride, n_t in zip(cfg.encoder_rates,
+                               cfg.encoder_transformer_layers):
+            d *= 2
+            tcfg = None
+            if n_t > 0:
+                tcfg = FishDACTransformerConfig(
+                    n_layer=n_t,
+                    n_head=d // cfg.encoder_head_dim,
+                    dim=d,
+                    intermediate_size=3 * d,
+                    head_dim=cfg.encoder_head_dim,
+                    rope_base=cfg.rope_base,
+                    norm_eps=cfg.norm_eps,
+                    window_size=cfg.encoder_window_size)
+            blocks.append(EncoderBlock(d, stride, tcfg))
+        blocks += [Snake1d(d), CausalConv1d(d, cfg.latent_dim, 3)]
+        self.block = _Chain(blocks)
+
+    def forward(self, x, state=None):
+        return self.block(x, state)
+
+
+class DecoderBlock(nn.Module):
+
+    def __init__(self, in_dim: int, out_dim: int, stride: int) -> None:
+        super().__init__()
+        self.block = _Chain([
+            Snake1d(in_dim),
+            CausalConvTranspose1d(in_dim, out_dim, 2 * stride, stride),
+            ResidualUnit(out_dim, 1),
+            ResidualUnit(out_dim, 3),
+            ResidualUnit(out_dim, 9),
+        ])
+
+    def forward(self, x, state=None):
+        return self.block(x, state)
+
+
+class Decoder(nn.Module):
+
+    def __init__(self, cfg: FishDACConfig) -> None:
+        super().__init__()
+        ch = cfg.decoder_dim
+        layers: list[nn.Module] = [CausalConv1d(cfg.latent_dim, ch, 7)]
+        out_dim = ch
+        for i, stride in enumerate(cfg.decoder_rates):
+            in_dim, out_dim = ch // 2**i, ch // 2**(i + 1)
+            layers.append(DecoderBlock(in_dim, out_dim, stride))
+        layers += [Snake1d(out_dim), CausalConv1d(out_dim, 1, 7), _Tanh()]
+        self.model = _Chain(layers)
+
+    def forward(self, x, state=None):
+        return self.model(x, state)
+
+
+# --------------------------------------------------------------------------
+# Quantizer
+# --------------------------------------------------------------------------
+
+
+class VectorQuantize(nn.Module):
+    """DAC factorized VQ: 1x1 in/out projections (legacy weight norm) and a
+    codebook searched by cosine similarity."""
+
+    def __init__(self, input_dim: int, codebook_size: int,
+                 codebook_dim: int) -> None:
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.in_proj = _ConvParams((codebook_dim, input_dim, 1), codebook_dim,
+                                   "legacy")
+        self.out_proj = _ConvParams((input_dim, codebook_dim, 1), input_dim,
+                                    "legacy")
+        self.codebook = nn.Embedding(codebook_size, codebook_dim)
+
+    def _out(self, z_p: torch.Tensor) -> torch.Tensor:
+        return F.conv1d(z_p, self.out_proj.get_weight(), self.out_proj.bias)
+
+    def decode_code(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, T] -> [B, input_dim, T]"""
+        return self._out(self.codebook(codes).transpose(1, 2))
+
+    def encode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z [B, D, T] -> (quantized z [B, D, T], codes [B, T])"""
+        z_e = F.conv1d(z, self.in_proj.get_weight(), self.in_proj.bias)
+        b, d, t = z_e.shape
+        enc = F.normalize(z_e.transpose(1, 2).reshape(b * t, d))
+        book = F.normalize(self.codebook.weight)
+        # squared euclidean distance of unit vectors, in the same form as
+        # the original so that the argmin matches it bit for bit
+        dist = (enc.pow(2).sum(1, keepdim=True) - 2 * enc @ book.t() +
+                book.pow(2).sum(1, keepdim=True).t())
+        codes = (-dist).max(1)[1].view(b, t)
+        z_q = self.codebook(codes).transpose(1, 2)
+        # the original's straight-through form; kept for bit-exact residuals
+        z_q = z_e + (z_q - z_e)
+        return self._out(z_q), codes
+
+
+class ResidualVectorQuantize(nn.Module):
+
+    def __init__(self, input_dim: int, n_codebooks: int, codebook_size: int,
+                 codebook_dim: int) -> None:
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.quantizers = nn.ModuleList(
+            VectorQuantize(input_dim, codebook_size, codebook_dim)
+            for _ in range(n_codebooks))
+
+    def from_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        z = None
+        for i, q in enumerate(self.quantizers):
+            zi = q.decode_code(codes[:, i])
+            z = zi if z is None else z + zi
+        return z
+
+    def encode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = z
+        z_q = None
+        codes = []
+        for q in self.quantizers:
+            zi, ci = q.encode(residual)
+            z_q = zi if z_q is None else z_q + zi
+            residual = residual - zi
+            codes.append(ci)
+        return z_q, torch.stack(codes, dim=1)
+
+
+class DownsampleResidualVectorQuantize(nn.Module):
+    """Semantic book + residual books at 1/4 of the latent frame rate, with
+    transformers before (encode) and after (decode) quantization."""
+
+    def __init__(self, cfg: FishDACConfig) -> None:
+        super().__init__()
+        dim = cfg.latent_dim
+        self.semantic_quantizer = ResidualVectorQuantize(
+            dim, 1, cfg.semantic_codebook_size, cfg.codebook_dim)
+        self.quantizer = ResidualVectorQuantize(dim, cfg.n_codebooks,
+                                                cfg.codebook_size,
+                                                cfg.codebook_dim)
+        self.downsample = _Chain(
+            _Chain([
+                CausalConv1d(dim, dim, f, stride=f, norm=None),
+                ConvNeXtBlock(dim)
+            ]) for f in cfg.downsample_factor)
+        self.upsample = _Chain(
+            _Chain([
+                CausalConvTranspose1d(dim, dim, f, f, norm=None),
+                ConvNeXtBlock(dim)
+            ]) for f in reversed(cfg.downsample_factor))
+        self.pre_module = WindowLimitedTransformer(cfg.quantizer_transformer,
+                                                   dim)
+        self.post_module = WindowLimitedTransformer(
+            cfg.quantizer_transformer, dim)
+
+    def decode(self,
+               codes: torch.Tensor,
+               state: StreamState | None = None) -> torch.Tensor:
+        z = (self.semantic_quantizer.from_codes(codes[:, :1]) +
+             self.quantizer.from_codes(codes[:, 1:]))
+        z = self.post_module(z, state)
+        return self.upsample(z, state)
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        z = self.downsample(z)
+        z = self.pre_module(z)
+        semantic_z, semantic_codes = self.semantic_quantizer.encode(z)
+        _, codes = self.quantizer.encode(z - semantic_z)
+        return torch.cat([semantic_codes, codes], dim=1)
+
+
+# --------------------------------------------------------------------------
+# The codec
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class FishDACConfig:
+    """Sizes of the modded DAC. Defaults are the released S1 / S2 codec
+    (``fish_speech/configs/modded_dac_vq.yaml``)."""
+
+    sample_rate: int = 44100
+    encoder_dim: int = 64
+    encoder_rates: tuple[int, ...] = (2, 4, 8, 8)
+    latent_dim: int = 1024
+    decoder_dim: int = 1536
+    decoder_rates: tuple[int, ...] = (8, 8, 4, 2)
+    encoder_transformer_layers: tuple[int, ...] = (0, 0, 0, 4)
+    encoder_head_dim: int = 64
+    encoder_window_size: int | None = 512
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    n_codebooks: int = 9
+    codebook_size: int = 1024
+    semantic_codebook_size: int = 4096
+    codebook_dim: int = 8
+    downsample_factor: tuple[int, ...] = (2, 2)
+    quantizer_transformer: FishDACTransformerConfig = field(
+        default_factory=FishDACTransformerConfig)
+
+    @property
+    def hop_length(self) -> int:
+        return math.prod(self.encoder_rates)
+
+    @property
+    def frame_length(self) -> int:
+        return self.hop_length * math.prod(self.downsample_factor)
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor],
+                        **overrides: Any) -> FishDACConfig:
+        """Read the sizes a ``codec.pth`` implies. Head sizes, window sizes
+        and rope base are not stored; they keep the release defaults unless
+        given in ``overrides`` (``quantizer_head_dim``,
+        ``quantizer_window_size`` go into ``quantizer_transformer``)."""
+        sd = _strip_state_dict(sd)
+
+        def shape(key: str) -> tuple[int, ...]:
+            if key not in sd:
+                raise KeyError(f"codec state dict lacks {key!r}: not a "
+                               "Fish modded-DAC codec.pth")
+            return tuple(sd[key].shape)
+
+        wn = "conv.parametrizations.weight.original1"
+        kw: dict[str, Any] = {}
+        kw["decoder_dim"], kw["latent_dim"], _ = shape(
+            f"decoder.model.0.{wn}")
+        rates = []
+        i = 1
+        while f"decoder.model.{i}.block.1.{wn}" in sd:
+            rates.append(shape(f"decoder.model.{i}.block.1.{wn}")[2] // 2)
+            i += 1
+        kw["decoder_rates"] = tuple(rates)
+
+        has_encoder = f"encoder.block.0.{wn}" in sd
+        if has_encoder:
+            kw["encoder_dim"] = shape(f"encoder.block.0.{wn}")[0]
+            enc_rates, enc_layers = [], []
+            i = 1
+            while f"encoder.block.{i}.block.4.{wn}" in sd:
+                enc_rates.append(
+                    shape(f"encoder.block.{i}.block.4.{wn}")[2] // 2)
+                prefix = f"encoder.block.{i}.block.5.layers."
+                n = len({
+                    k[len(prefix):].split(".")[0]
+                    for k in sd if k.startswith(prefix)
+                })
+                enc_layers.append(n)
+                i += 1
+            kw["encoder_rates"] = tuple(enc_rates)
+            kw["encoder_transformer_layers"] = tuple(enc_layers)
+
+        q = "quantizer."
+        kw["semantic_codebook_size"], kw["codebook_dim"] = shape(
+            q + "semantic_quantizer.quantizers.0.codebook.weight")
+        kw["codebook_size"], _ = shape(q +
+                                       "quantizer.quantizers.0.codebook.weight")
+        n = 0
+        while f"{q}quantizer.quantizers.{n}.codebook.weight" in sd:
+            n += 1
+        kw["n_codebooks"] = n
+        factors = []
+        i = 0
+        while f"{q}upsample.{i}.0.conv.weight" in sd:
+            factors.append(shape(f"{q}upsample.{i}.0.conv.weight")[2])
+            i += 1
+        kw["downsample_factor"] = tuple(reversed(factors))
+
+        head_dim = overrides.pop("quantizer_head_dim", 64)
+        window = overrides.pop("quantizer_window_size", 128)
+        prefix = q + "post_module.layers."
+        n_layer = len(
+            {k[len(prefix):].split(".")[0]
+             for k in sd if k.startswith(prefix)})
+        qkv_out, dim = shape(prefix + "0.attention.wqkv.weight")
+        inter, _ = shape(prefix + "0.feed_forward.w1.weight")
+        kw["quantizer_transformer"] = FishDACTransformerConfig(
+            n_layer=n_layer,
+            n_head=qkv_out // 3 // head_dim,
+            dim=dim,
+            intermediate_size=inter,
+            head_dim=head_dim,
+            rope_base=overrides.get("rope_base", 10000.0),
+            norm_eps=overrides.get("norm_eps", 1e-5),
+            window_size=window)
+        kw.update(overrides)
+        return cls(**kw)
+
+
+def _strip_state_dict(
+        sd: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]
+    if any(k.startswith("generator.") for k in sd):
+        sd = {
+            k[len("generator."):]: v
+            for k, v in sd.items() if k.startswith("generator.")
+        }
+    return sd
+
+
+class FishDAC(nn.Module):
+    """The OpenAudio S1 / S2 codec.
+
+    ``decode(codes[B, 10, T]) -> audio[B, 1, T * 2048]`` and
+    ``encode(audio[B, 1, L]) -> codes[B, 10, ceil(L / 2048)]`` at 44.1 kHz.
+    """
+
+    def __init__(self,
+                 config: FishDACConfig | None = None,
+                 with_encoder: bool = True) -> None:
+        super().__init__()
+        self.config = config = config or FishDACConfig()
+        self.sample_rate = config.sample_rate
+        self.hop_length = config.hop_length
+        self.frame_length = config.frame_length
+        self.frame_rate = config.sample_rate / config.frame_length
+        self.num_codebooks = 1 + config.n_codebooks
+        self.encoder = Encoder(config) if with_encoder else None
+        self.quantizer = DownsampleResidualVectorQuantize(config)
+        self.decoder = Decoder(config)
+        if config.frame_length != math.prod(config.decoder_rates) * math.prod(
+                config.downsample_factor):
+            raise ValueError("encoder and decoder rates disagree: "
+                             f"{config.encoder_rates} vs "
+                             f"{config.decoder_rates}")
+
+    def check_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Validate codes [B, K, T] (or [K, T]) and return them as [B, K, T].
+
+        The original clamps out-of-range ids silently; a wrong id here is a
+        bug upstream, so it is an error."""
+        if not isinstance(codes, torch.Tensor):
+            raise TypeError(f"codes must be a tensor, got {type(codes)}")
+        if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+            raise TypeError(f"codes must be integers, got {codes.dtype}")
+        if codes.ndim == 2:
+            codes = codes[None]
+        if codes.ndim != 3 or codes.shape[1] != self.num_codebooks:
+            raise ValueError(f"codes must be [B, {self.num_codebooks}, T], "
+                             f"got {tuple(codes.shape)}")
+        if codes.shape[2] == 0:
+            raise ValueError("codes have no frames")
+        cfg = self.config
+        for rows, size, what in ((codes[:, :1], cfg.semantic_codebook_size,
+                                  "semantic"), (codes[:, 1:],
+                                                cfg.codebook_size,
+                                                "residual")):
+            lo, hi = int(rows.min()), int(rows.max())
+            if lo < 0 or hi >= size:
+                raise ValueError(f"{what} codes must lie in [0, {size}), "
+                                 f"got values in [{lo}, {hi}]")
+        return codes.long()
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, 10, T] -> audio [B, 1, T * frame_length]"""
+        codes = self.check_codes(codes).to(self.decoder.model[0].conv.bias.
+                                           device)
+        return self.decoder(self.quantizer.decode(codes))
+
+    @torch.inference_mode()
+    def encode(self, audio: torch.Tensor) -> torch.Tensor:
+        """audio [B, 1, L] or [B, L] at ``sample_rate`` -> codes
+        [B, 10, ceil(L / frame_length)] (audio is right-padded with zeros
+        to whole frames, as the original does)."""
+        if self.encoder is None:
+            raise RuntimeError("this FishDAC was built without its encoder")
+        if audio.ndim == 2:
+            audio = audio[:, None]
+        if audio.ndim != 3 or audio.shape[1] != 1:
+            raise ValueError(
+                f"audio must be [B, 1, L] or [B, L], got {tuple(audio.shape)}")
+        if audio.shape[-1] == 0:
+            raise ValueError("audio is empty")
+        pad = -audio.shape[-1] % self.frame_length
+        audio = F.pad(audio, (0, pad))
+        return self.quantizer.encode(self.encoder(audio))
+
+    def streaming_decoder(self) -> FishDACStreamingDecoder:
+        return FishDACStreamingDecoder(self)
+
+    @classmethod
+    def from_pretrained(cls,
+                        path: str | os.PathLike,
+                        config: FishDACConfig | None = None,
+                        with_encoder: bool = True,
+                        device: torch.device | str = "cpu",
+                        **config_overrides: Any) -> FishDAC:
+        """Load a released ``codec.pth`` (or a directory holding one)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "codec.pth")
+        sd = torch.load(path, map_location="cpu", mmap=True,
+                        weights_only=True)
+        sd = _strip_state_dict(sd)
+        if config is None:
+            config = FishDACConfig.from_state_dict(sd, **config_overrides)
+        model = cls(config, with_encoder=with_encoder)
+        model.load_codec_state_dict(sd)
+        return model.to(device).eval()
+
+    def load_codec_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        """Load release-format weights strictly: skip the S1 mask / rope
+        buffers (and the encoder when built without it); any missing,
+        unexpected or mis-shaped tensor is an error."""
+        sd = _strip_state_dict(sd)
+        own = self.state_dict()
+        wanted: dict[str, torch.Tensor] = {}
+        unexpected, mismatched = [], []
+        for k, v in sd.items():
+            if k.endswith(_SKIPPED_BUFFER_SUFFIXES):
+                continue
+            if self.encoder is None and k.startswith("encoder."):
+                continue
+            if k not in own:
+                unexpected.append(k)
+            elif tuple(own[k].shape) != tuple(v.shape):
+                mismatched.append(f"{k}: file {tuple(v.shape)} vs model "
+                                  f"{tuple(own[k].shape)}")
+            else:
+                wanted[k] = v
+        missing = sorted(set(own) - set(wanted) - {
+            m.split(":")[0]
+            for m in mismatched
+        })
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing (e.g. {missing[:5]})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected "
+                            f"(e.g. {sorted(unexpected)[:5]})")
+        if mismatched:
+            problems.append(f"{len(mismatched)} shape mismatches "
+                            f"(e.g. {mismatched[:5]})")
+        if problems:
+            raise ValueError("codec weights do not fit the Fish DAC built "
+                             f"from {self.config}: " + "; ".join(problems))
+        self.load_state_dict(wanted, strict=True)
+        logger.debug("Loaded Fish DAC codec: %d tensors", len(wanted))
+
+
+class FishDACStreamingDecoder:
+    """Decodes a code stream chunk by chunk; the concatenated chunks equal
+    ``FishDAC.decode`` of the whole stream (up to float rounding).
+
+    Carried state: for every causal conv the last ``(k - 1) * d`` inputs,
+    for each transposed conv its overlapping input frames, and for each
+    transformer layer the keys / values of the last ``window - 1`` frames
+    plus the absolute position (RoPE)."""
+
+    def __init__(self, codec: FishDAC) -> None:
+        self.codec = codec
+        self.state: StreamState = {}
+        self.frames = 0
+
+    def reset(self) -> None:
+        self.state = {}
+        self.frames = 0
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, 10, t] -> audio [B, 1, t * frame_length]"""
+        codec = self.codec
+        codes = codec.check_codes(codes).to(
+            codec.decoder.model[0].conv.bias.device)
+        z = codec.quantizer.decode(codes, self.state)
+        self.frames += codes.shape[-1]
+        return codec.decoder(z, self.state)
+
+
+__all__ = [
+    "FishDAC",
+    "FishDACConfig",
+    "FishDACStreamingDecoder",
+    "FishDACTransformerConfig",
+]
