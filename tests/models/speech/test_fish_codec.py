@@ -6,14 +6,21 @@ code) on top of ``descript-audio-codec``; a tiny random codec is built with
 the original classes and saved as ``codec.pth`` exactly as the release file
 is keyed (including S1's persistent ``causal_mask`` / ``freqs_cis``
 buffers), then loaded with ``vllm.model_executor.models.fish_speech_codec``.
+
+Firefly-GAN-VQ (fish-speech 1.5): no package holds that code, so the oracle
+is a golden fixture produced once from fish-speech v1.5.1 by
+``fixtures/fish15_firefly/make_fixture.py`` (commit in ``COMMIT`` there).
 """
 
 import functools
+import os
 
 import pytest
 import torch
 
-from vllm.model_executor.models.fish_speech_codec import (FishDAC,
+from vllm.model_executor.models.fish_speech_codec import (FireflyConfig,
+                                                          FireflyGANVQ,
+                                                          FishDAC,
                                                           FishDACConfig)
 
 FRAME = 2048
@@ -302,3 +309,114 @@ def test_dac_bad_codes(dac_files):
         codec.decode(codes.float())
     with pytest.raises(ValueError, match="semantic codes"):
         codec.streaming_decoder().decode(codes + 5000)
+
+
+# ------------------------------------------------------ firefly-gan-vq (1.5)
+
+FIXTURE_DIR = os.path.join(os.path.dirname(__file__), "fixtures",
+                           "fish15_firefly")
+
+
+@pytest.fixture(scope="module")
+def firefly(tmp_path_factory):
+    fx = torch.load(os.path.join(FIXTURE_DIR, "firefly_tiny.pt"),
+                    weights_only=True)
+    with open(os.path.join(FIXTURE_DIR, "COMMIT")) as f:
+        assert f.read().split()[0] == fx["commit"]
+    # the release file format: a plain fp32 state dict
+    path = (tmp_path_factory.mktemp("firefly") /
+            "firefly-gan-vq-fsq-8x1024-21hz-generator.pth")
+    torch.save({k: v.float()
+                for k, v in fx["state_dict_bf16"].items()}, path)
+    return fx, path
+
+
+def test_firefly_config_from_file(firefly):
+    fx, path = firefly
+    codec = FireflyGANVQ.from_pretrained(path.parent)
+    cfg = codec.config
+    assert cfg.latent_dim == 40 and cfg.fsq_groups == 8
+    assert cfg.upsample_rates == (8, 8, 2, 2, 2)
+    assert cfg.upsample_kernel_sizes == (16, 16, 4, 4, 4)
+    assert cfg.backbone_dims == (8, 16, 16, 40)
+    assert cfg.backbone_depths == (1, 1, 1, 1)
+    assert codec.sample_rate == 44100 and codec.frame_length == 2048
+    assert codec.hop_length == 512
+    assert codec.frame_rate == pytest.approx(44100 / 2048)
+    assert codec.num_codebooks == 8 and codec.codebook_size == 1000
+
+
+def test_firefly_default_config_param_count():
+    """Default sizes: about 46.5M parameters (the 189 MB release file)."""
+    codec = FireflyGANVQ()
+    n = sum(p.numel() for p in codec.parameters())
+    assert 46e6 < n < 47.5e6, n
+    keys = codec.state_dict().keys()
+    assert "head.ups.0.conv.parametrizations.weight.original0" in keys
+    assert "quantizer.residual_fsq.rvqs.7.project_out.weight" in keys
+    assert codec.state_dict()[
+        "head.ups.0.conv.parametrizations.weight.original1"].shape == (512,
+                                                                       256,
+                                                                       16)
+
+
+def test_firefly_decode_parity(firefly):
+    fx, path = firefly
+    codec = FireflyGANVQ.from_pretrained(path, with_encoder=False)
+    codes = fx["codes"]
+    expected = fx["audio"]
+    audio = codec.decode(codes)
+    assert audio.shape == expected.shape == (2, 1, codes.shape[-1] * FRAME)
+    assert 0.02 < expected.std() and expected.abs().max() < 0.9
+    # the reference zeroes samples past each item's length; the codec is
+    # causal, so the valid part does not depend on the frames after it
+    for i, n in enumerate(fx["audio_lengths"].tolist()):
+        assert _rel_err(audio[i, :, :n], expected[i, :, :n]) <= 1e-3
+        assert torch.all(expected[i, :, n:] == 0)
+
+
+def test_firefly_encode_parity(firefly):
+    fx, path = firefly
+    codec = FireflyGANVQ.from_pretrained(path)
+    signal = fx["signal_pcm16"].float() / 32768
+    codes = codec.encode(signal[:, None], fx["signal_lengths"])
+    expected = fx["encoded"].long()
+    assert codes.shape == expected.shape
+    assert torch.equal(codes, expected)
+    assert expected.unique().numel() > 5
+    # the default length is the whole signal
+    full = codec.encode(signal[:1])
+    assert torch.equal(full, expected[:1])
+
+
+def test_firefly_streaming_decode(firefly):
+    fx, path = firefly
+    codec = FireflyGANVQ.from_pretrained(path, with_encoder=False)
+    codes = fx["codes"]
+    full = codec.decode(codes)
+    stream = codec.streaming_decoder()
+    pieces = [stream.decode(codes[:, :, a:b]) for a, b in ((0, 1), (1, 4),
+                                                           (4, 6))]
+    joined = torch.cat(pieces, dim=-1)
+    assert joined.shape == full.shape
+    assert _rel_err(joined, full) <= 1e-5
+    # without state a later chunk differs
+    assert _rel_err(codec.decode(codes[:, :, 4:]), full[..., 4 * FRAME:]) > 1e-2
+
+
+def test_firefly_bad_codes_and_weights(firefly, tmp_path):
+    fx, path = firefly
+    codec = FireflyGANVQ.from_pretrained(path, with_encoder=False)
+    codes = fx["codes"]
+    with pytest.raises(ValueError, match=r"\[0, 1000\)"):
+        codec.decode(codes + 1000)
+    with pytest.raises(ValueError, match=r"\[B, 8, T\]"):
+        codec.decode(codes[:, :4])
+    with pytest.raises(RuntimeError, match="without its encoder"):
+        codec.encode(torch.zeros(1, 4096))
+    sd = {k: v.float() for k, v in fx["state_dict_bf16"].items()}
+    del sd["head.resblocks.2.blocks.1.convs2.0.conv.bias"]
+    with pytest.raises(ValueError, match="missing.*resblocks.2.blocks.1"):
+        FireflyGANVQ(FireflyConfig.from_state_dict(
+            {k: v.float() for k, v in fx["state_dict_bf16"].items()}
+        )).load_codec_state_dict(sd)

@@ -20,7 +20,7 @@ model state here (masks and rotary tables are built on the fly) and are
 skipped by the loader.
 
 Everything is causal, so the decoder also runs incrementally
-(:class:`FishDACStreamingDecoder`): every causal convolution keeps the last
+(:class:`CodecStreamingDecoder`): every causal convolution keeps the last
 ``(kernel - 1) * dilation`` input samples, each transposed convolution the
 input frames that overlap the next chunk, and each window-limited
 transformer layer the keys / values of the last ``window - 1`` positions.
@@ -873,8 +873,7 @@ class FishDAC(nn.Module):
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, 10, T] -> audio [B, 1, T * frame_length]"""
-        codes = self.check_codes(codes).to(self.decoder.model[0].conv.bias.
-                                           device)
+        codes = self.check_codes(codes).to(self._device())
         return self.decoder(self.quantizer.decode(codes))
 
     @torch.inference_mode()
@@ -892,11 +891,11 @@ class FishDAC(nn.Module):
         if audio.shape[-1] == 0:
             raise ValueError("audio is empty")
         pad = -audio.shape[-1] % self.frame_length
-        audio = F.pad(audio, (0, pad))
+        audio = F.pad(audio.float().to(self._device()), (0, pad))
         return self.quantizer.encode(self.encoder(audio))
 
-    def streaming_decoder(self) -> FishDACStreamingDecoder:
-        return FishDACStreamingDecoder(self)
+    def streaming_decoder(self) -> CodecStreamingDecoder:
+        return CodecStreamingDecoder(self)
 
     @classmethod
     def from_pretrained(cls,
@@ -922,52 +921,514 @@ class FishDAC(nn.Module):
         """Load release-format weights strictly: skip the S1 mask / rope
         buffers (and the encoder when built without it); any missing,
         unexpected or mis-shaped tensor is an error."""
+        _load_strict(self,
+                     _strip_state_dict(sd),
+                     skip_prefixes=() if self.encoder is not None else
+                     ("encoder.", ))
+
+    def _device(self) -> torch.device:
+        return self.decoder.model[0].conv.bias.device
+
+
+# --------------------------------------------------------------------------
+# Firefly-GAN-VQ (fish-speech 1.5)
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class FireflyConfig:
+    """Sizes of firefly-gan-vq. Defaults are the released
+    ``firefly-gan-vq-fsq-8x1024-21hz-generator.pth``
+    (``fish_speech/configs/firefly_gan_vq.yaml`` at v1.5.1)."""
+
+    sample_rate: int = 44100
+    n_mels: int = 160
+    n_fft: int = 2048
+    win_length: int = 2048
+    hop_length: int = 512
+    backbone_depths: tuple[int, ...] = (3, 3, 9, 3)
+    backbone_dims: tuple[int, ...] = (128, 256, 384, 512)
+    backbone_kernel_size: int = 7
+    fsq_groups: int = 8
+    fsq_levels: tuple[int, ...] = (8, 5, 5, 5)
+    fsq_num_quantizers: int = 1
+    downsample_factor: tuple[int, ...] = (2, 2)
+    upsample_initial_channel: int = 512
+    upsample_rates: tuple[int, ...] = (8, 8, 2, 2, 2)
+    upsample_kernel_sizes: tuple[int, ...] = (16, 16, 4, 4, 4)
+    resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
+    resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), ) * 3
+    pre_conv_kernel_size: int = 13
+    post_conv_kernel_size: int = 13
+
+    @property
+    def latent_dim(self) -> int:
+        return self.backbone_dims[-1]
+
+    @property
+    def frame_length(self) -> int:
+        return self.hop_length * math.prod(self.downsample_factor)
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.fsq_levels)
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor],
+                        **overrides: Any) -> FireflyConfig:
+        """Read the sizes a generator ``.pth`` implies. Not stored, so kept
+        at the release values unless overridden: FSQ levels (only their
+        count is checked), resblock dilations, STFT sizes; upsample strides
+        are taken as kernel // 2 (true of the release)."""
         sd = _strip_state_dict(sd)
-        own = self.state_dict()
-        wanted: dict[str, torch.Tensor] = {}
-        unexpected, mismatched = [], []
-        for k, v in sd.items():
-            if k.endswith(_SKIPPED_BUFFER_SUFFIXES):
-                continue
-            if self.encoder is None and k.startswith("encoder."):
-                continue
-            if k not in own:
-                unexpected.append(k)
-            elif tuple(own[k].shape) != tuple(v.shape):
-                mismatched.append(f"{k}: file {tuple(v.shape)} vs model "
-                                  f"{tuple(own[k].shape)}")
-            else:
-                wanted[k] = v
-        missing = sorted(set(own) - set(wanted) - {
-            m.split(":")[0]
-            for m in mismatched
-        })
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing (e.g. {missing[:5]})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected "
-                            f"(e.g. {sorted(unexpected)[:5]})")
-        if mismatched:
-            problems.append(f"{len(mismatched)} shape mismatches "
-                            f"(e.g. {mismatched[:5]})")
-        if problems:
-            raise ValueError("codec weights do not fit the Fish DAC built "
-                             f"from {self.config}: " + "; ".join(problems))
-        self.load_state_dict(wanted, strict=True)
-        logger.debug("Loaded Fish DAC codec: %d tensors", len(wanted))
+
+        def shape(key: str) -> tuple[int, ...]:
+            if key not in sd:
+                raise KeyError(f"generator state dict lacks {key!r}: not a "
+                               "Fish firefly-gan-vq checkpoint")
+            return tuple(sd[key].shape)
+
+        def count(prefix: str) -> int:
+            return len({
+                k[len(prefix):].split(".")[0]
+                for k in sd if k.startswith(prefix)
+            })
+
+        wn = "conv.parametrizations.weight.original1"
+        kw: dict[str, Any] = {}
+        n_ups = count("head.ups.")
+        kernels = tuple(shape(f"head.ups.{i}.{wn}")[2] for i in range(n_ups))
+        kw["upsample_kernel_sizes"] = kernels
+        kw["upsample_rates"] = tuple(k // 2 for k in kernels)
+        c0, mels_in, kw["pre_conv_kernel_size"] = shape(
+            f"head.conv_pre.{wn}")
+        kw["upsample_initial_channel"] = c0
+        kw["post_conv_kernel_size"] = shape(f"head.conv_post.{wn}")[2]
+        n_res = count("head.resblocks.0.blocks.")
+        kw["resblock_kernel_sizes"] = tuple(
+            shape(f"head.resblocks.0.blocks.{j}.convs1.0.{wn}")[2]
+            for j in range(n_res))
+        kw["resblock_dilation_sizes"] = overrides.pop(
+            "resblock_dilation_sizes", ((1, 3, 5), ) * n_res)
+        groups = count("quantizer.residual_fsq.rvqs.")
+        kw["fsq_groups"] = groups
+        code_dim, group_dim = shape(
+            "quantizer.residual_fsq.rvqs.0.project_in.weight")
+        factors = [
+            shape(f"quantizer.downsample.{i}.0.conv.weight")[2]
+            for i in range(count("quantizer.downsample."))
+        ]
+        kw["downsample_factor"] = tuple(factors)
+        if "backbone.norm.weight" in sd:
+            n_stages = count("backbone.stages.")
+            kw["backbone_depths"] = tuple(
+                count(f"backbone.stages.{i}.") for i in range(n_stages))
+            kw["backbone_dims"] = tuple(
+                shape(f"backbone.stages.{i}.0.gamma")[0]
+                for i in range(n_stages))
+            kw["n_mels"] = shape("backbone.downsample_layers.0.0.conv.weight")[1]
+            kw["backbone_kernel_size"] = shape(
+                "backbone.stages.0.0.dwconv.conv.weight")[2]
+        else:
+            # decoder-only file: the latent size comes from the head
+            kw["backbone_dims"] = (mels_in, )
+            kw["backbone_depths"] = (0, )
+        kw.update(overrides)
+        cfg = cls(**kw)
+        if cfg.latent_dim != groups * group_dim or mels_in != cfg.latent_dim:
+            raise ValueError("inconsistent firefly sizes: latent "
+                             f"{cfg.latent_dim}, {groups} FSQ groups of "
+                             f"{group_dim}, head input {mels_in}")
+        if len(cfg.fsq_levels) != code_dim:
+            raise ValueError(f"FSQ code dim {code_dim} does not match levels "
+                             f"{cfg.fsq_levels}")
+        return cfg
 
 
-class FishDACStreamingDecoder:
+class _ChannelsFirstLayerNorm(nn.Module):
+    """LayerNorm over dim 1 of [B, C, T] (the original's formula)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor, state=None) -> torch.Tensor:
+        u = x.mean(1, keepdim=True)
+        var = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(var + self.eps)
+        return self.weight[:, None] * x + self.bias[:, None]
+
+
+class _PointwiseConv(nn.Module):
+    """nn.Conv1d(k=1) with state-dict names ``weight`` / ``bias``."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_dim, in_dim, 1))
+        nn.init.normal_(self.weight, std=0.02)
+        self.bias = nn.Parameter(torch.zeros(out_dim))
+
+    def forward(self, x: torch.Tensor, state=None) -> torch.Tensor:
+        return F.conv1d(x, self.weight, self.bias)
+
+
+class FireflyLogMel(nn.Module):
+    """Log-mel front end: reflect pad (win - hop) / 2, |STFT| (no
+    centering, periodic Hann), Slaney mel filters, log(clamp 1e-5)."""
+
+    def __init__(self, cfg: FireflyConfig) -> None:
+        super().__init__()
+        import torchaudio.functional as AF
+        self.cfg = cfg
+        self.register_buffer("window",
+                             torch.hann_window(cfg.win_length),
+                             persistent=False)
+        fb = AF.melscale_fbanks(n_freqs=cfg.n_fft // 2 + 1,
+                                f_min=0.0,
+                                f_max=float(cfg.sample_rate // 2),
+                                n_mels=cfg.n_mels,
+                                sample_rate=cfg.sample_rate,
+                                norm="slaney",
+                                mel_scale="slaney")
+        self.register_buffer("fb", fb, persistent=False)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        """audio [B, L] -> log mel [B, n_mels, frames]"""
+        cfg = self.cfg
+        extra = cfg.win_length - cfg.hop_length
+        y = F.pad(audio[:, None], (extra // 2, (extra + 1) // 2),
+                  mode="reflect")[:, 0]
+        spec = torch.stft(y,
+                          cfg.n_fft,
+                          hop_length=cfg.hop_length,
+                          win_length=cfg.win_length,
+                          window=self.window,
+                          center=False,
+                          normalized=False,
+                          onesided=True,
+                          return_complex=True)
+        spec = torch.view_as_real(spec)
+        mag = torch.sqrt(spec.pow(2).sum(-1) + 1e-6)
+        mel = torch.matmul(mag.transpose(-1, -2), self.fb).transpose(-1, -2)
+        return torch.log(torch.clamp(mel, min=1e-5))
+
+
+class FireflyConvNeXtBlock(ConvNeXtBlock):
+    """Same weights and maths as the DAC quantizer's ConvNeXt block."""
+
+    def __init__(self, dim: int, kernel_size: int = 7) -> None:
+        super().__init__(dim, kernel_size=kernel_size)
+
+
+class FireflyBackbone(nn.Module):
+    """ConvNeXt encoder from log mel to the latent."""
+
+    def __init__(self, cfg: FireflyConfig) -> None:
+        super().__init__()
+        dims = cfg.backbone_dims
+        self.downsample_layers = nn.ModuleList()
+        self.downsample_layers.append(
+            _Chain([
+                CausalConv1d(cfg.n_mels, dims[0], 7, norm=None),
+                _ChannelsFirstLayerNorm(dims[0])
+            ]))
+        for i in range(len(dims) - 1):
+            self.downsample_layers.append(
+                _Chain([
+                    _ChannelsFirstLayerNorm(dims[i]),
+                    _PointwiseConv(dims[i], dims[i + 1])
+                ]))
+        self.stages = nn.ModuleList(
+            _Chain(
+                FireflyConvNeXtBlock(d, cfg.backbone_kernel_size)
+                for _ in range(n))
+            for d, n in zip(dims, cfg.backbone_depths))
+        self.norm = _ChannelsFirstLayerNorm(dims[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for down, stage in zip(self.downsample_layers, self.stages):
+            x = stage(down(x))
+        return self.norm(x)
+
+
+class _ResidualFSQGroup(nn.Module):
+    """One group of GroupedResidualFSQ: Linear in / out around
+    ``num_quantizers`` FSQ stages with implicit codebooks."""
+
+    def __init__(self, dim: int, levels: Sequence[int],
+                 num_quantizers: int) -> None:
+        super().__init__()
+        self.project_in = nn.Linear(dim, len(levels))
+        self.project_out = nn.Linear(len(levels), dim)
+        lv = torch.tensor(levels, dtype=torch.int64)
+        self.register_buffer("levels", lv, persistent=False)
+        basis = torch.cumprod(torch.tensor([1] + list(levels[:-1])), 0)
+        self.register_buffer("basis", basis, persistent=False)
+        scales = torch.stack([(lv.float() - 1)**-q
+                              for q in range(num_quantizers)])
+        self.register_buffer("scales", scales, persistent=False)
+
+    def _bound(self, z: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+        half_l = (self.levels - 1) * (1 + eps) / 2
+        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)
+        shift = (offset / half_l).atanh()
+        return (z + shift).tanh() * half_l - offset
+
+    def codes_from_indices(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx [B, T, Q] -> summed scaled codes [B, T, len(levels)]"""
+        half = self.levels // 2
+        lvl = (idx[..., None] // self.basis) % self.levels
+        codes = (lvl - half) / half  # [B, T, Q, D]
+        return (codes * self.scales).sum(2)
+
+    def decode(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.project_out(self.codes_from_indices(idx))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, dim] -> indices [B, T, Q]"""
+        residual = self._bound(self.project_in(x))
+        half = self.levels // 2
+        out = []
+        for q in range(self.scales.shape[0]):
+            scale = self.scales[q]
+            # FSQ.quantize bounds again before rounding
+            code = self._bound(residual / scale).round() / half
+            out.append(((code * half + half) * self.basis).sum(-1).to(
+                torch.int32))
+            residual = residual - code * scale
+        return torch.stack(out, dim=-1).long()
+
+
+class _GroupedResidualFSQ(nn.Module):
+
+    def __init__(self, cfg: FireflyConfig) -> None:
+        super().__init__()
+        self.rvqs = nn.ModuleList(
+            _ResidualFSQGroup(cfg.latent_dim // cfg.fsq_groups,
+                              cfg.fsq_levels, cfg.fsq_num_quantizers)
+            for _ in range(cfg.fsq_groups))
+
+
+class FireflyQuantizer(nn.Module):
+
+    def __init__(self, cfg: FireflyConfig) -> None:
+        super().__init__()
+        dim = cfg.latent_dim
+        self.cfg = cfg
+        self.residual_fsq = _GroupedResidualFSQ(cfg)
+        self.downsample = _Chain(
+            _Chain([
+                CausalConv1d(dim, dim, f, stride=f, norm=None),
+                FireflyConvNeXtBlock(dim)
+            ]) for f in cfg.downsample_factor)
+        self.upsample = _Chain(
+            _Chain([
+                CausalConvTranspose1d(dim, dim, f, f, norm=None),
+                FireflyConvNeXtBlock(dim)
+            ]) for f in reversed(cfg.downsample_factor))
+
+    def decode(self,
+               codes: torch.Tensor,
+               state: StreamState | None = None) -> torch.Tensor:
+        """codes [B, G * Q, T] -> latent [B, dim, T * prod(downsample)]"""
+        g = self.cfg.fsq_groups
+        b, _, t = codes.shape
+        idx = codes.view(b, g, -1, t).permute(1, 0, 3, 2)  # [G, B, T, Q]
+        z = torch.cat([rvq.decode(i) for rvq, i in zip(self.residual_fsq.rvqs,
+                                                        idx)],
+                      dim=-1)
+        return self.upsample(z.transpose(1, 2), state)
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        z = self.downsample(z).transpose(1, 2)
+        parts = z.chunk(self.cfg.fsq_groups, dim=-1)
+        idx = [rvq.encode(p) for rvq, p in zip(self.residual_fsq.rvqs, parts)]
+        # [B, T, Q] per group -> [B, G * Q, T]
+        return torch.cat([i.transpose(1, 2) for i in idx], dim=1)
+
+
+class _ResBlock1(nn.Module):
+
+    def __init__(self, ch: int, kernel: int,
+                 dilations: Sequence[int]) -> None:
+        super().__init__()
+        self.convs1 = nn.ModuleList(
+            CausalConv1d(ch, ch, kernel, dilation=d) for d in dilations)
+        self.convs2 = nn.ModuleList(
+            CausalConv1d(ch, ch, kernel, dilation=d) for d in dilations)
+
+    def forward(self, x, state=None):
+        for c1, c2 in zip(self.convs1, self.convs2):
+            x = x + c2(F.silu(c1(F.silu(x), state)), state)
+        return x
+
+
+class _ParallelBlock(nn.Module):
+
+    def __init__(self, ch: int, cfg: FireflyConfig) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            _ResBlock1(ch, k, d) for k, d in zip(cfg.resblock_kernel_sizes,
+                                                 cfg.resblock_dilation_sizes))
+
+    def forward(self, x, state=None):
+        return torch.stack([b(x, state) for b in self.blocks]).mean(0)
+
+
+class FireflyHead(nn.Module):
+    """Causal HiFi-GAN generator."""
+
+    def __init__(self, cfg: FireflyConfig) -> None:
+        super().__init__()
+        c0 = cfg.upsample_initial_channel
+        self.conv_pre = CausalConv1d(cfg.latent_dim, c0,
+                                     cfg.pre_conv_kernel_size)
+        self.ups = nn.ModuleList(
+            CausalConvTranspose1d(c0 // 2**i, c0 // 2**(i + 1), k, u)
+            for i, (u, k) in enumerate(
+                zip(cfg.upsample_rates, cfg.upsample_kernel_sizes)))
+        self.resblocks = nn.ModuleList(
+            _ParallelBlock(c0 // 2**(i + 1), cfg)
+            for i in range(len(cfg.upsample_rates)))
+        self.conv_post = CausalConv1d(c0 // 2**len(cfg.upsample_rates), 1,
+                                      cfg.post_conv_kernel_size)
+
+    def forward(self, x, state=None):
+        x = self.conv_pre(x, state)
+        for up, res in zip(self.ups, self.resblocks):
+            x = res(up(F.silu(x), state), state)
+        return torch.tanh(self.conv_post(F.silu(x), state))
+
+
+class FireflyGANVQ(nn.Module):
+    """fish-speech 1.5 codec: ``decode(codes[B, 8, T]) ->
+    audio[B, 1, T * 2048]``, ``encode(audio) -> codes`` at 44.1 kHz."""
+
+    def __init__(self,
+                 config: FireflyConfig | None = None,
+                 with_encoder: bool = True) -> None:
+        super().__init__()
+        self.config = config = config or FireflyConfig()
+        if math.prod(config.upsample_rates) != config.hop_length:
+            raise ValueError(f"upsample rates {config.upsample_rates} do not "
+                             f"multiply to hop {config.hop_length}")
+        self.sample_rate = config.sample_rate
+        self.hop_length = config.hop_length
+        self.frame_length = config.frame_length
+        self.frame_rate = config.sample_rate / config.frame_length
+        self.num_codebooks = config.fsq_groups * config.fsq_num_quantizers
+        self.codebook_size = config.codebook_size
+        self.spec_transform = FireflyLogMel(config) if with_encoder else None
+        self.backbone = FireflyBackbone(config) if with_encoder else None
+        self.quantizer = FireflyQuantizer(config)
+        self.head = FireflyHead(config)
+
+    def check_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        if not isinstance(codes, torch.Tensor):
+            raise TypeError(f"codes must be a tensor, got {type(codes)}")
+        if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+            raise TypeError(f"codes must be integers, got {codes.dtype}")
+        if codes.ndim == 2:
+            codes = codes[None]
+        if codes.ndim != 3 or codes.shape[1] != self.num_codebooks:
+            raise ValueError(f"codes must be [B, {self.num_codebooks}, T], "
+                             f"got {tuple(codes.shape)}")
+        if codes.shape[2] == 0:
+            raise ValueError("codes have no frames")
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= self.codebook_size:
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}), "
+                             f"got values in [{lo}, {hi}]")
+        return codes.long()
+
+    def _device(self) -> torch.device:
+        return self.head.conv_pre.conv.bias.device
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, 8, T] -> audio [B, 1, T * frame_length]"""
+        codes = self.check_codes(codes).to(self._device())
+        return self.head(self.quantizer.decode(codes))
+
+    @torch.inference_mode()
+    def encode(self,
+               audio: torch.Tensor,
+               audio_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """audio [B, 1, L] or [B, L] -> codes [B, 8, ceil((L // hop) / 4)],
+        as the original ``encode(audio, audio_lengths)``: mel frames past
+        ``audio_lengths // hop`` (default: L) are zeroed; the trailing code
+        frames cover that padding and partial frames (the valid count is
+        ``audio_lengths // frame_length``)."""
+        if self.backbone is None:
+            raise RuntimeError("this FireflyGANVQ was built without its "
+                               "encoder")
+        if audio.ndim == 3:
+            if audio.shape[1] != 1:
+                raise ValueError("audio must be mono [B, 1, L]")
+            audio = audio[:, 0]
+        if audio.ndim != 2:
+            raise ValueError(
+                f"audio must be [B, 1, L] or [B, L], got {tuple(audio.shape)}")
+        if audio.shape[-1] < self.hop_length:
+            raise ValueError(f"audio shorter than one hop "
+                             f"({self.hop_length} samples)")
+        audio = audio.float().to(self._device())
+        mels = self.spec_transform(audio)
+        if audio_lengths is None:
+            audio_lengths = torch.full((audio.shape[0], ), audio.shape[-1])
+        n_mel = torch.as_tensor(audio_lengths,
+                                device=mels.device) // self.hop_length
+        mask = (torch.arange(mels.shape[-1], device=mels.device)[None]
+                < n_mel[:, None]).float()[:, None]
+        mels = mels * mask
+        return self.quantizer.encode(self.backbone(mels) * mask)
+
+    def streaming_decoder(self) -> CodecStreamingDecoder:
+        return CodecStreamingDecoder(self)
+
+    def load_codec_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        """Strict release-format load (see :func:`_load_strict`)."""
+        _load_strict(self,
+                     _strip_state_dict(sd),
+                     skip_prefixes=() if self.backbone is not None else
+                     ("backbone.", ))
+
+    @classmethod
+    def from_pretrained(cls,
+                        path: str | os.PathLike,
+                        config: FireflyConfig | None = None,
+                        with_encoder: bool = True,
+                        device: torch.device | str = "cpu",
+                        **config_overrides: Any) -> FireflyGANVQ:
+        """Load ``firefly-gan-vq-fsq-8x1024-21hz-generator.pth`` (or a
+        directory holding it)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path,
+                                "firefly-gan-vq-fsq-8x1024-21hz-generator.pth")
+        sd = _strip_state_dict(
+            torch.load(path, map_location="cpu", mmap=True,
+                       weights_only=True))
+        if config is None:
+            config = FireflyConfig.from_state_dict(sd, **config_overrides)
+        model = cls(config, with_encoder=with_encoder)
+        model.load_codec_state_dict(sd)
+        return model.to(device).eval()
+
+
+class CodecStreamingDecoder:
     """Decodes a code stream chunk by chunk; the concatenated chunks equal
-    ``FishDAC.decode`` of the whole stream (up to float rounding).
+    the one-shot ``decode`` of the whole stream (up to float rounding).
 
-    Carried state: for every causal conv the last ``(k - 1) * d`` inputs,
-    for each transposed conv its overlapping input frames, and for each
+    Every layer of both codecs is causal. Carried state: for every causal
+    conv the last ``(k - 1) * d`` inputs, for each transposed conv the input
+    frames that overlap the next chunk, and for each window-limited
     transformer layer the keys / values of the last ``window - 1`` frames
     plus the absolute position (RoPE)."""
 
-    def __init__(self, codec: FishDAC) -> None:
+    def __init__(self, codec: FireflyGANVQ | FishDAC) -> None:
         self.codec = codec
         self.state: StreamState = {}
         self.frames = 0
@@ -978,18 +1439,58 @@ class FishDACStreamingDecoder:
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [B, 10, t] -> audio [B, 1, t * frame_length]"""
         codec = self.codec
-        codes = codec.check_codes(codes).to(
-            codec.decoder.model[0].conv.bias.device)
-        z = codec.quantizer.decode(codes, self.state)
+        codes = codec.check_codes(codes).to(codec._device())
         self.frames += codes.shape[-1]
-        return codec.decoder(z, self.state)
+        if isinstance(codec, FishDAC):
+            return codec.decoder(codec.quantizer.decode(codes, self.state),
+                                 self.state)
+        return codec.head(codec.quantizer.decode(codes, self.state),
+                          self.state)
+
+
+def _load_strict(model: nn.Module,
+                 sd: Mapping[str, torch.Tensor],
+                 skip_prefixes: tuple[str, ...] = ()) -> None:
+    """Load release-format weights; any missing, unexpected or mis-shaped
+    tensor is an error (S1's mask / rope buffers are skipped)."""
+    own = model.state_dict()
+    wanted: dict[str, torch.Tensor] = {}
+    unexpected, mismatched = [], []
+    for k, v in sd.items():
+        if k.endswith(_SKIPPED_BUFFER_SUFFIXES) or k.startswith(skip_prefixes):
+            continue
+        if k not in own:
+            unexpected.append(k)
+        elif tuple(own[k].shape) != tuple(v.shape):
+            mismatched.append(f"{k}: file {tuple(v.shape)} vs model "
+                              f"{tuple(own[k].shape)}")
+        else:
+            wanted[k] = v
+    bad_names = {m.split(":")[0] for m in mismatched}
+    missing = sorted(set(own) - set(wanted) - bad_names)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[:5]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected "
+                        f"(e.g. {sorted(unexpected)[:5]})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches "
+                        f"(e.g. {mismatched[:5]})")
+    if problems:
+        raise ValueError(f"codec weights do not fit the "
+                         f"{type(model).__name__} built from "
+                         f"{model.config}: " + "; ".join(problems))
+    model.load_state_dict(wanted, strict=True)
+    logger.debug("Loaded %s: %d tensors", type(model).__name__, len(wanted))
 
 
 __all__ = [
+    "FireflyConfig",
+    "CodecStreamingDecoder",
+    "FireflyGANVQ",
     "FishDAC",
     "FishDACConfig",
-    "FishDACStreamingDecoder",
     "FishDACTransformerConfig",
 ]
