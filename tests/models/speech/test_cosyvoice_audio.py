@@ -167,3 +167,151 @@ def test_hift_load_errors(ref_hift):
     # wrong dims: the default (release) config against a shrunk checkpoint
     with pytest.raises(ValueError, match="shape mismatches"):
         load_hift(ref_hift.state_dict(), HiFTConfig())
+
+
+# ---------------------------------------------------------------- flow ----
+from omegaconf import DictConfig  # noqa: E402
+
+from cosyvoice.flow.decoder import (  # noqa: E402
+    CausalConditionalDecoder as RefEstimator)
+from cosyvoice.flow.flow import (  # noqa: E402
+    CausalMaskedDiffWithXvec as RefFlow)
+from cosyvoice.flow.flow_matching import (  # noqa: E402
+    CausalConditionalCFM as RefCFM)
+from cosyvoice.transformer.upsample_encoder import (  # noqa: E402
+    UpsampleConformerEncoder as RefEncoder)
+
+from vllm.model_executor.models.cosyvoice_flow import (  # noqa: E402
+    CosyVoiceFlowConfig, load_flow)
+
+VOCAB = 100
+# cosyvoice2.yaml's flow section, shrunk where the original allows it (the
+# encoder width is hard-coded to 512 in the original, the mel width to 80).
+FLOW_YAML = {
+    "input_size": 512, "output_size": 80, "spk_embed_dim": 192,
+    "output_type": "mel", "vocab_size": VOCAB, "input_frame_rate": 25,
+    "only_mask_loss": True, "token_mel_ratio": 2, "pre_lookahead_len": 3,
+    "encoder": {
+        "output_size": 512, "attention_heads": 8, "linear_units": 64,
+        "num_blocks": 2, "dropout_rate": 0.1, "positional_dropout_rate": 0.1,
+        "attention_dropout_rate": 0.1, "normalize_before": True,
+        "input_layer": "linear", "pos_enc_layer_type": "rel_pos_espnet",
+        "selfattention_layer_type": "rel_selfattn", "input_size": 512,
+        "use_cnn_module": False, "macaron_style": False,
+        "use_dynamic_chunk": True},
+    "decoder": {
+        "in_channels": 240, "n_spks": 1, "spk_emb_dim": 80,
+        "cfm_params": {"content": {
+            "sigma_min": 1e-06, "solver": "euler", "t_scheduler": "cosine",
+            "training_cfg_rate": 0.2, "inference_cfg_rate": 0.7,
+            "reg_loss_type": "l1"}},
+        "estimator": {
+            "in_channels": 320, "out_channels": 80, "channels": [32],
+            "dropout": 0.0, "attention_head_dim": 8, "n_blocks": 1,
+            "num_mid_blocks": 2, "num_heads": 2, "act_fn": "gelu",
+            "static_chunk_size": 50, "num_decoding_left_chunks": 2}},
+}
+
+
+def _build_ref_flow(yaml: dict) -> RefFlow:
+    enc_kw = dict(yaml["encoder"])
+    dec = yaml["decoder"]
+    est = RefEstimator(**dec["estimator"])
+    cfm = RefCFM(in_channels=dec["in_channels"], n_spks=dec["n_spks"],
+                 spk_emb_dim=dec["spk_emb_dim"],
+                 cfm_params=DictConfig(dec["cfm_params"]["content"]),
+                 estimator=est)
+    top = {k: v for k, v in yaml.items() if k not in ("encoder", "decoder")}
+    flow = RefFlow(**top, encoder=RefEncoder(**enc_kw), decoder=cfm)
+    torch.manual_seed(11)  # (RefCFM's constructor reseeds the global RNG)
+    with torch.no_grad():
+        for name, p in flow.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 1.0 / p[0].numel()**0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0.0, 0.1)
+    return flow.eval()
+
+
+@pytest.fixture(scope="module")
+def ref_flow() -> RefFlow:
+    return _build_ref_flow(FLOW_YAML)
+
+
+def _flow_inputs(n_prompt: int, n_tok: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    prompt_token = torch.randint(0, VOCAB, (1, n_prompt), generator=g,
+                                 dtype=torch.int32)
+    token = torch.randint(0, VOCAB, (1, n_tok), generator=g,
+                          dtype=torch.int32)
+    prompt_feat = torch.randn(1, 2 * n_prompt, 80, generator=g)
+    embedding = torch.randn(1, 192, generator=g)
+    return token, prompt_token, prompt_feat, embedding
+
+
+def _ref_flow_call(ref, token, prompt_token, prompt_feat, embedding,
+                   streaming, finalize):
+    i32 = torch.int32
+    mel, _ = ref.inference(
+        token=token, token_len=torch.tensor([token.shape[1]], dtype=i32),
+        prompt_token=prompt_token,
+        prompt_token_len=torch.tensor([prompt_token.shape[1]], dtype=i32),
+        prompt_feat=prompt_feat,
+        prompt_feat_len=torch.tensor([prompt_feat.shape[1]], dtype=i32),
+        embedding=embedding, streaming=streaming, finalize=finalize)
+    return mel
+
+
+def test_flow_config_from_yaml():
+    cfg = CosyVoiceFlowConfig.from_dict(FLOW_YAML)
+    assert cfg.inference_cfg_rate == 0.7 and cfg.t_scheduler == "cosine"
+    assert cfg.n_timesteps == 10 and cfg.vocab_size == VOCAB
+    assert cfg.encoder.num_blocks == 2 and cfg.encoder.static_chunk_size == 0
+    assert cfg.estimator.channels == [32]
+    assert cfg.estimator.static_chunk_size == 50
+
+
+@pytest.mark.parametrize("n_prompt,n_tok", [(6, 9), (0, 7)])
+def test_flow_parity_offline(ref_flow, tmp_path, n_prompt, n_tok):
+    path = tmp_path / "flow.pt"
+    torch.save(ref_flow.state_dict(), path)
+    ours = load_flow(torch.load(path, weights_only=True),
+                     CosyVoiceFlowConfig.from_dict(FLOW_YAML))
+    args = _flow_inputs(n_prompt, n_tok, seed=n_tok)
+    want = _ref_flow_call(ref_flow, *args, streaming=False, finalize=True)
+    got = ours(*args, streaming=False, finalize=True)
+    assert got.shape == want.shape == (1, 80, 2 * n_tok)
+    assert rel_err(got, want) < 1e-3
+    assert ours.token_rate == 25 and ours.mel_rate == 50
+
+
+def test_flow_parity_streaming_chunk(ref_flow):
+    """One streaming (not finalized) flow call with chunk masks active."""
+    yaml = {**FLOW_YAML,
+            "encoder": {**FLOW_YAML["encoder"], "static_chunk_size": 4},
+            "decoder": {**FLOW_YAML["decoder"], "estimator": {
+                **FLOW_YAML["decoder"]["estimator"], "static_chunk_size": 6}}}
+    ref = _build_ref_flow(yaml)
+    ours = load_flow(ref.state_dict(), CosyVoiceFlowConfig.from_dict(yaml))
+    args = _flow_inputs(5, 12, seed=3)
+    for streaming, finalize in ((True, False), (True, True), (False, False)):
+        want = _ref_flow_call(ref, *args, streaming, finalize)
+        got = ours(*args, streaming=streaming, finalize=finalize)
+        assert got.shape == want.shape
+        assert rel_err(got, want) < 1e-3, (streaming, finalize)
+    # the chunk masks matter: streaming output differs from full context
+    full = ours(*args, streaming=False, finalize=False)
+    part = ours(*args, streaming=True, finalize=False)
+    assert rel_err(part, full) > 1e-3
+
+
+def test_flow_load_errors(ref_flow):
+    sd = dict(ref_flow.state_dict())
+    sd.pop("encoder_proj.weight")
+    with pytest.raises(ValueError, match="missing keys: encoder_proj.weight"):
+        load_flow(sd, CosyVoiceFlowConfig.from_dict(FLOW_YAML))
+    with pytest.raises(ValueError, match="shape mismatches"):
+        load_flow(ref_flow.state_dict(), CosyVoiceFlowConfig.from_dict(
+            {**FLOW_YAML, "vocab_size": VOCAB + 1}))

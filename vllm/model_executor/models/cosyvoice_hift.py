@@ -234,9 +234,13 @@ class SourceModuleHnNSF(nn.Module):
                 generator: torch.Generator | None = None,
                 phase_init: torch.Tensor | None = None,
                 noise: torch.Tensor | None = None) -> torch.Tensor:
-        sines, _ = self.l_sin_gen(f0, generator, phase_init, noise)
-        # (The original also draws an unused noise-branch tensor here; it only
-        # advances the RNG, after everything this module uses.)
+        draw = noise is None
+        sines, uv = self.l_sin_gen(f0, generator, phase_init, noise)
+        if draw:
+            # The original also draws a noise-branch tensor here that the
+            # vocoder never uses; draw (and drop) it too so that successive
+            # calls (streaming chunks) consume the RNG stream identically.
+            torch.empty_like(uv).normal_(generator=generator)
         return torch.tanh(self.l_linear(sines))
 
 
@@ -370,7 +374,10 @@ class HiFTGenerator(nn.Module):
                noise: torch.Tensor | None = None) -> torch.Tensor:
         """The NSF excitation [B, 1, T * upsample] for mel [B, C, T]."""
         f0 = self.f0_predictor(mel)  # [B, T]
-        f0 = f0[:, :, None].repeat_interleave(self.upsample_factor, dim=1)
+        # Same layout as the original ([B, 1, L] viewed as [B, L, 1]), which
+        # matters for reproducing its random draws.
+        f0 = F.interpolate(f0[:, None], scale_factor=float(
+            self.upsample_factor), mode="nearest").transpose(1, 2)
         return self.m_source(f0, generator, phase_init,
                              noise).transpose(1, 2)
 
