@@ -315,3 +315,232 @@ def test_flow_load_errors(ref_flow):
     with pytest.raises(ValueError, match="shape mismatches"):
         load_flow(ref_flow.state_dict(), CosyVoiceFlowConfig.from_dict(
             {**FLOW_YAML, "vocab_size": VOCAB + 1}))
+
+
+# ----------------------------------------------------- token2wav (CV2) ----
+from cosyvoice.cli.model import CosyVoice2Model as RefCV2Model  # noqa: E402
+
+from vllm.model_executor.models.cosyvoice_token2wav import (  # noqa: E402
+    CosyVoice2Token2Wav, load_cosyvoice_yaml)
+
+STREAM_FLOW_YAML = {
+    **FLOW_YAML,
+    "encoder": {**FLOW_YAML["encoder"], "static_chunk_size": 25}}
+
+
+def _ref_cv2(ref_flow, ref_hift) -> RefCV2Model:
+    return RefCV2Model(None, ref_flow, ref_hift, fp16=False)
+
+
+def _ref_tts(model: RefCV2Model, tokens, prompt_token, prompt_feat,
+             embedding, stream: bool, speed: float = 1.0):
+    """Drive the original CosyVoice2Model.tts with a finished token list in
+    place of its LLM thread."""
+
+    def fake_llm_job(text, prompt_text, llm_prompt_speech_token,
+                     llm_embedding, uuid):
+        model.tts_speech_token_dict[uuid] = [int(t) for t in tokens[0]]
+        model.llm_end_dict[uuid] = True
+
+    model.llm_job = fake_llm_job
+    return [
+        out["tts_speech"] for out in model.tts(
+            flow_embedding=embedding, flow_prompt_speech_token=prompt_token,
+            prompt_speech_feat=prompt_feat, stream=stream, speed=speed)
+    ]
+
+
+@pytest.fixture(scope="module")
+def stream_models(ref_hift):
+    ref_flow = _build_ref_flow(STREAM_FLOW_YAML)
+    ours = CosyVoice2Token2Wav(
+        load_flow(ref_flow.state_dict(),
+                  CosyVoiceFlowConfig.from_dict(STREAM_FLOW_YAML)),
+        load_hift(ref_hift.state_dict(), _hift_config()))
+    return _ref_cv2(ref_flow, ref_hift), ours
+
+
+def test_token2wav_streaming_parity(stream_models):
+    ref, ours = stream_models
+    assert ours.sample_rate == 24000 and ours.token_rate == 25
+    assert ours.samples_per_token == 960
+    token, prompt_token, prompt_feat, embedding = _flow_inputs(10, 100, 21)
+
+    torch.manual_seed(77)
+    want = _ref_tts(ref, token, prompt_token, prompt_feat, embedding,
+                    stream=True)
+    sess = ours.stream(prompt_token, prompt_feat, embedding,
+                       generator=torch.Generator().manual_seed(77))
+    got = sess.push(token[0].tolist(), final=True)
+    # 10 prompt tokens -> first hop 25 + 15 pad; hops at 40, 65, 90, final
+    assert len(want) == 4
+    assert [c.shape for c in got] == [c.shape for c in want]
+    assert sum(c.shape[1] for c in got) == 100 * 960
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-3
+    assert rel_err(torch.cat(got, 1), torch.cat(want, 1)) < 1e-3
+
+
+def test_token2wav_incremental_push(stream_models):
+    """Tokens arriving piecemeal give the same chunks as the original's
+    loop would while the LLM is still running."""
+    _, ours = stream_models
+    token, prompt_token, prompt_feat, embedding = _flow_inputs(0, 60, 5)
+    toks = token[0].tolist()
+    sess = ours.stream(prompt_token, prompt_feat, embedding,
+                       generator=torch.Generator().manual_seed(1))
+    chunks = []
+    for i in range(0, 60, 7):
+        chunks += sess.push(toks[i:i + 7])
+    n_stream = len(chunks)
+    chunks += sess.finish()
+    # no prompt: hops at 25 and 50 need 28 and 53 tokens; then the final
+    assert n_stream == 2 and len(chunks) == 3
+    assert [c.shape[1] for c in chunks[:2]] == [25 * 960 - 3840, 25 * 960]
+    assert sum(c.shape[1] for c in chunks) == 60 * 960
+    with pytest.raises(RuntimeError):
+        sess.push([1])
+
+
+@pytest.mark.parametrize("speed", [1.0, 1.25])
+def test_token2wav_offline_parity(stream_models, speed):
+    ref, ours = stream_models
+    token, prompt_token, prompt_feat, embedding = _flow_inputs(8, 30, 4)
+    torch.manual_seed(3)
+    (want, ) = _ref_tts(ref, token, prompt_token, prompt_feat, embedding,
+                        stream=False, speed=speed)
+    got = ours.synthesize(token, prompt_token, prompt_feat, embedding,
+                          speed=speed,
+                          generator=torch.Generator().manual_seed(3))
+    assert got.shape == want.shape
+    assert rel_err(got, want) < 1e-3
+
+
+_RELEASE_YAML = """\
+# hyperpyyaml as in the CosyVoice2 release, shrunk dims
+__set_seed1: !apply:random.seed [1986]
+__set_seed3: !apply:torch.manual_seed [1986]
+sample_rate: 24000
+llm_input_size: 896
+spk_embed_dim: 192
+qwen_pretrain_path: ''
+token_frame_rate: 25
+token_mel_ratio: 2
+chunk_size: 25
+
+llm: !new:cosyvoice.llm.llm.Qwen2LM
+    llm_input_size: !ref <llm_input_size>
+    llm: !new:cosyvoice.llm.llm.Qwen2Encoder
+        pretrain_path: !ref <qwen_pretrain_path>
+    sampling: !name:cosyvoice.utils.common.ras_sampling
+        top_p: 0.8
+
+flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec
+    input_size: 512
+    output_size: 80
+    spk_embed_dim: !ref <spk_embed_dim>
+    output_type: 'mel'
+    vocab_size: 100
+    input_frame_rate: !ref <token_frame_rate>
+    only_mask_loss: True
+    token_mel_ratio: !ref <token_mel_ratio>
+    pre_lookahead_len: 3
+    encoder: !new:cosyvoice.transformer.upsample_encoder.UpsampleConformerEncoder
+        output_size: 512
+        attention_heads: 8
+        linear_units: 64
+        num_blocks: 2
+        dropout_rate: 0.1
+        positional_dropout_rate: 0.1
+        attention_dropout_rate: 0.1
+        normalize_before: True
+        input_layer: 'linear'
+        pos_enc_layer_type: 'rel_pos_espnet'
+        selfattention_layer_type: 'rel_selfattn'
+        input_size: 512
+        use_cnn_module: False
+        macaron_style: False
+        use_dynamic_chunk: True
+        static_chunk_size: !ref <chunk_size>
+    decoder: !new:cosyvoice.flow.flow_matching.CausalConditionalCFM
+        in_channels: 240
+        n_spks: 1
+        spk_emb_dim: 80
+        cfm_params: !new:omegaconf.DictConfig
+            content:
+                sigma_min: 1e-06
+                solver: 'euler'
+                t_scheduler: 'cosine'
+                training_cfg_rate: 0.2
+                inference_cfg_rate: 0.7
+                reg_loss_type: 'l1'
+        estimator: !new:cosyvoice.flow.decoder.CausalConditionalDecoder
+            in_channels: 320
+            out_channels: 80
+            channels: [32]
+            dropout: 0.0
+            attention_head_dim: 8
+            n_blocks: 1
+            num_mid_blocks: 2
+            num_heads: 2
+            act_fn: 'gelu'
+            static_chunk_size: !ref <token_frame_rate> * <token_mel_ratio>
+            num_decoding_left_chunks: 2
+
+hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
+    in_channels: 80
+    base_channels: 32
+    nb_harmonics: 8
+    sampling_rate: !ref <sample_rate>
+    nsf_alpha: 0.1
+    nsf_sigma: 0.003
+    nsf_voiced_threshold: 10
+    upsample_rates: [8, 5, 3]
+    upsample_kernel_sizes: [16, 11, 7]
+    istft_params:
+        n_fft: 16
+        hop_len: 4
+    resblock_kernel_sizes: [3, 7, 11]
+    resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
+    source_resblock_kernel_sizes: [7, 7, 11]
+    source_resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
+    lrelu_slope: 0.1
+    audio_limit: 0.99
+    f0_predictor: !new:cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor
+        num_class: 1
+        in_channels: 80
+        cond_channels: 16
+
+feat_extractor: !name:matcha.utils.audio.mel_spectrogram
+    n_fft: 1920
+    sampling_rate: !ref <sample_rate>
+"""
+
+
+def test_token2wav_from_release_dir(stream_models, ref_hift, tmp_path):
+    ref, _ = stream_models
+    (tmp_path / "cosyvoice2.yaml").write_text(_RELEASE_YAML)
+    torch.save(ref.flow.state_dict(), tmp_path / "flow.pt")
+    torch.save({"generator." + k: v for k, v in ref_hift.state_dict().items()},
+               tmp_path / "hift.pt")
+    conf = load_cosyvoice_yaml(str(tmp_path / "cosyvoice2.yaml"))
+    assert conf["sample_rate"] == 24000
+    assert conf["flow"]["decoder"]["estimator"]["static_chunk_size"] == 50
+    assert conf["flow"]["encoder"]["static_chunk_size"] == 25
+    assert conf["hift"]["sampling_rate"] == 24000
+
+    model = CosyVoice2Token2Wav.from_pretrained(str(tmp_path))
+    assert model.flow.config.estimator.channels == [32]
+    assert model.hift.config.base_channels == 32
+    token, prompt_token, prompt_feat, embedding = _flow_inputs(4, 20, 8)
+    torch.manual_seed(9)
+    (want, ) = _ref_tts(ref, token, prompt_token, prompt_feat, embedding,
+                        stream=False)
+    got = model.synthesize(token, prompt_token, prompt_feat, embedding,
+                           generator=torch.Generator().manual_seed(9))
+    assert rel_err(got, want) < 1e-3
+
+    (tmp_path / "cosyvoice2.yaml").write_text(
+        _RELEASE_YAML.replace("base_channels: 32", "base_channels: 64"))
+    with pytest.raises(ValueError, match="hift.pt: state dict does not"):
+        CosyVoice2Token2Wav.from_pretrained(str(tmp_path))

@@ -597,7 +597,13 @@ class CausalConditionalCFM(nn.Module):
         self.t_scheduler = cfg.t_scheduler
         self.n_mels = cfg.output_size
         self.estimator = CausalConditionalDecoder(cfg.estimator)
-        self._noise: torch.Tensor | None = None
+        # The original's fixed initial noise (drawn once, seed 0). Not part
+        # of the state dict.
+        g = torch.Generator().manual_seed(_NOISE_SEED)
+        self.register_buffer("rand_noise",
+                             torch.randn(1, self.n_mels, _NOISE_FRAMES,
+                                         generator=g),
+                             persistent=False)
 
     def fixed_noise(self, frames: int, device: torch.device,
                     dtype: torch.dtype) -> torch.Tensor:
@@ -606,11 +612,7 @@ class CausalConditionalCFM(nn.Module):
             raise ValueError(
                 f"flow: {frames} mel frames exceed the original's fixed "
                 f"noise ({_NOISE_FRAMES} frames = 300 s); split the input")
-        if self._noise is None or self._noise.shape[1] != self.n_mels:
-            g = torch.Generator().manual_seed(_NOISE_SEED)
-            self._noise = torch.randn(1, self.n_mels, _NOISE_FRAMES,
-                                      generator=g)
-        return self._noise[:, :, :frames].to(device=device, dtype=dtype)
+        return self.rand_noise[:, :, :frames].to(device=device, dtype=dtype)
 
     def t_span(self, n_timesteps: int, device: torch.device,
                dtype: torch.dtype) -> torch.Tensor:

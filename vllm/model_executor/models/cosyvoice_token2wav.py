@@ -1,0 +1,342 @@
+# SPDX-License-Identifier: Apache-2.0
+"""CosyVoice2 token2wav: speech tokens -> 24 kHz waveform (flow + HiFT).
+
+Loads a CosyVoice2 release directory as released (``cosyvoice2.yaml``,
+``flow.pt``, ``hift.pt``) and reproduces the original ``CosyVoice2Model``
+token2wav, offline and streaming (token hop 25 with the prompt padded to a
+multiple of it, ``pre_lookahead_len`` look-ahead tokens, an 8-frame mel /
+3840-sample source cache and a Hamming cross-fade between chunks).
+
+Plain torch, no engine dependency: meant to run in the API server process.
+The yaml is read without executing any of its tags (``!new:``, ``!name:``,
+``!apply:`` are read as plain data; ``!ref <key>`` and simple arithmetic on
+references are resolved).
+"""
+
+import ast
+import math
+import operator
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from vllm.logger import init_logger
+from vllm.model_executor.models.cosyvoice_flow import (
+    CausalMaskedDiffWithXvec, CosyVoiceFlowConfig, load_flow)
+from vllm.model_executor.models.cosyvoice_hift import (HiFTConfig,
+                                                       HiFTGenerator,
+                                                       load_hift)
+
+logger = init_logger(__name__)
+
+
+# -------------------------------------------------------------- yaml ------
+class _Ref:
+
+    def __init__(self, expr: str):
+        self.expr = expr
+
+
+class _TagIgnoringLoader(yaml.SafeLoader):
+    """SafeLoader that reads hyperpyyaml tags as plain data."""
+
+
+def _construct_tagged(loader: yaml.SafeLoader, tag_suffix: str,
+                      node: yaml.Node) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    value = loader.construct_scalar(node)
+    if tag_suffix == "ref" or tag_suffix.startswith("ref:"):
+        return _Ref(str(value))
+    return value
+
+
+_TagIgnoringLoader.add_multi_constructor("!", _construct_tagged)
+
+_BINOPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+}
+
+
+def _eval_arith(expr: str) -> int | float:
+    """Evaluate + - * / // on numbers only."""
+
+    def ev(n: ast.AST) -> int | float:
+        if isinstance(n, ast.Expression):
+            return ev(n.body)
+        if isinstance(n, ast.Constant) and isinstance(n.value, (int, float)):
+            return n.value
+        if isinstance(n, ast.BinOp) and type(n.op) in _BINOPS:
+            return _BINOPS[type(n.op)](ev(n.left), ev(n.right))
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub):
+            return -ev(n.operand)
+        raise ValueError(f"unsupported expression {expr!r}")
+
+    return ev(ast.parse(expr, mode="eval"))
+
+
+def _resolve(node: Any, root: Mapping[str, Any], depth: int = 0) -> Any:
+    if depth > 32:
+        raise ValueError("cosyvoice yaml: reference cycle")
+    if isinstance(node, _Ref):
+        expr = node.expr.strip()
+        m = re.fullmatch(r"<([A-Za-z0-9_]+)>", expr)
+        if m:
+            return _resolve(root.get(m.group(1)), root, depth + 1)
+        refs = re.findall(r"<([A-Za-z0-9_]+)>", expr)
+        if not refs:
+            return expr
+        vals = {k: _resolve(root.get(k), root, depth + 1) for k in refs}
+        if not all(isinstance(v, (int, float)) for v in vals.values()):
+            raise ValueError(f"cosyvoice yaml: cannot resolve {expr!r}")
+        return _eval_arith(
+            re.sub(r"<([A-Za-z0-9_]+)>", lambda mm: repr(vals[mm.group(1)]),
+                   expr))
+    if isinstance(node, dict):
+        return {k: _resolve(v, root, depth) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve(v, root, depth) for v in node]
+    return node
+
+
+def load_cosyvoice_yaml(path: str) -> dict[str, Any]:
+    """Read ``cosyvoice2.yaml`` safely: the ``flow`` and ``hift`` sections
+    and ``sample_rate`` as plain dicts (references resolved)."""
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.load(f, Loader=_TagIgnoringLoader)  # noqa: S506
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: not a mapping")
+    out: dict[str, Any] = {}
+    for key in ("sample_rate", "flow", "hift"):
+        if key in raw:
+            out[key] = _resolve(raw[key], raw)
+    return out
+
+
+# --------------------------------------------------------------- model ----
+@dataclass
+class HiftCache:
+    """Overlap state carried between streaming chunks."""
+
+    mel: torch.Tensor  # [1, 80, mel_cache_len]
+    source: torch.Tensor  # [1, 1, source_cache_len]
+    speech: torch.Tensor  # [1, source_cache_len]
+
+
+class CosyVoice2Token2Wav(nn.Module):
+    """Speech tokens (25 Hz) -> waveform (24 kHz) with CosyVoice2's flow and
+    HiFT, offline (:meth:`synthesize`) or streaming (:meth:`stream`)."""
+
+    def __init__(self,
+                 flow: CausalMaskedDiffWithXvec,
+                 hift: HiFTGenerator,
+                 sample_rate: int | None = None,
+                 token_hop_len: int = 25,
+                 mel_cache_len: int = 8):
+        super().__init__()
+        self.flow = flow
+        self.hift = hift
+        self.sample_rate = int(sample_rate or hift.sampling_rate)
+        self.token_rate = flow.token_rate  # 25 Hz
+        self.mel_rate = flow.mel_rate  # 50 Hz
+        self.token_mel_ratio = flow.token_mel_ratio
+        self.samples_per_mel = hift.upsample_factor  # 480
+        self.samples_per_token = self.samples_per_mel * self.token_mel_ratio
+        self.pre_lookahead_len = flow.pre_lookahead_len
+        # Must match the flow's training static chunk (CosyVoice2Model).
+        self.token_hop_len = token_hop_len
+        self.mel_cache_len = mel_cache_len
+        self.source_cache_len = mel_cache_len * self.samples_per_mel
+        window = torch.hamming_window(2 * self.source_cache_len,
+                                      periodic=False,
+                                      dtype=torch.float64)
+        self.register_buffer("speech_window", window, persistent=False)
+
+    @classmethod
+    def from_pretrained(cls,
+                        model_dir: str,
+                        device: str | torch.device = "cpu",
+                        **kwargs: Any) -> "CosyVoice2Token2Wav":
+        """Load ``flow.pt`` + ``hift.pt`` (+ dims from ``cosyvoice2.yaml``;
+        release defaults when the yaml is absent)."""
+        if os.path.exists(os.path.join(model_dir, "cosyvoice3.yaml")):
+            raise ValueError(
+                f"{model_dir}: CosyVoice3 (DiT flow, causal HiFT) is not "
+                "supported by CosyVoice2Token2Wav")
+        ypath = os.path.join(model_dir, "cosyvoice2.yaml")
+        conf: dict[str, Any] = {}
+        if os.path.exists(ypath):
+            conf = load_cosyvoice_yaml(ypath)
+        else:
+            logger.warning("%s not found; using CosyVoice2-0.5B dims", ypath)
+        flow_cfg = (CosyVoiceFlowConfig.from_dict(conf["flow"])
+                    if "flow" in conf else CosyVoiceFlowConfig())
+        hift_cfg = (HiFTConfig.from_dict(conf["hift"])
+                    if "hift" in conf else HiFTConfig())
+
+        def _load(name: str) -> Mapping[str, torch.Tensor]:
+            return torch.load(os.path.join(model_dir, name),
+                              map_location="cpu",
+                              weights_only=True)
+
+        flow = load_flow(_load("flow.pt"), flow_cfg)
+        hift = load_hift(_load("hift.pt"), hift_cfg)
+        model = cls(flow, hift, sample_rate=conf.get("sample_rate"),
+                    **kwargs)
+        return model.to(device).eval()
+
+    # ------------------------------------------------------------------
+    def _fade(self, speech: torch.Tensor,
+              prev: torch.Tensor) -> torch.Tensor:
+        n = self.speech_window.shape[0] // 2
+        w = self.speech_window
+        out = speech.clone()
+        out[..., :n] = (speech[..., :n].double() * w[:n] +
+                        prev[..., -n:].double() * w[n:]).to(speech.dtype)
+        return out
+
+    @torch.inference_mode()
+    def token2wav(
+        self,
+        token: torch.Tensor,
+        prompt_token: torch.Tensor,
+        prompt_feat: torch.Tensor,
+        embedding: torch.Tensor,
+        token_offset: int = 0,
+        cache: HiftCache | None = None,
+        stream: bool = False,
+        finalize: bool = True,
+        speed: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, HiftCache | None]:
+        """One call of the original ``CosyVoice2Model.token2wav``.
+
+        ``token`` [1, N] holds every generated token so far; audio is made for
+        tokens from ``token_offset`` on. Returns (speech [1, n], new cache);
+        with ``finalize=False`` the last ``source_cache_len`` samples are held
+        back in the cache for the cross-fade.
+        """
+        mel = self.flow(token, prompt_token, prompt_feat, embedding,
+                        streaming=stream, finalize=finalize)
+        mel = mel[:, :, token_offset * self.token_mel_ratio:]
+        cache_source = None
+        if cache is not None:
+            mel = torch.cat([cache.mel.to(mel), mel], dim=2)
+            cache_source = cache.source
+        if not finalize:
+            speech, source = self.hift(mel, cache_source, generator=generator)
+            if cache is not None:
+                speech = self._fade(speech, cache.speech)
+            new_cache = HiftCache(mel[:, :, -self.mel_cache_len:],
+                                  source[:, :, -self.source_cache_len:],
+                                  speech[:, -self.source_cache_len:])
+            return speech[:, :-self.source_cache_len], new_cache
+        if speed != 1.0:
+            if cache is not None:
+                raise ValueError("speed change is only supported offline")
+            mel = F.interpolate(mel, size=int(mel.shape[2] / speed),
+                                mode="linear")
+        speech, _ = self.hift(mel, cache_source, generator=generator)
+        if cache is not None:
+            speech = self._fade(speech, cache.speech)
+        return speech, None
+
+    def synthesize(self,
+                   token: torch.Tensor,
+                   prompt_token: torch.Tensor,
+                   prompt_feat: torch.Tensor,
+                   embedding: torch.Tensor,
+                   speed: float = 1.0,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """Offline: all tokens at once -> waveform [1, n]."""
+        speech, _ = self.token2wav(token, prompt_token, prompt_feat,
+                                   embedding, speed=speed,
+                                   generator=generator)
+        return speech
+
+    def stream(self,
+               prompt_token: torch.Tensor,
+               prompt_feat: torch.Tensor,
+               embedding: torch.Tensor,
+               generator: torch.Generator | None = None) -> "Token2WavStream":
+        """A streaming session; feed tokens with ``push``."""
+        return Token2WavStream(self, prompt_token, prompt_feat, embedding,
+                               generator)
+
+
+class Token2WavStream:
+    """Chunked token2wav session, as ``CosyVoice2Model.tts(stream=True)``.
+
+    ``push(tokens)`` appends generated tokens and returns the audio chunks
+    that became ready; ``push([], final=True)`` (or ``finish()``) returns the
+    rest. Concatenating every chunk gives the utterance.
+    """
+
+    def __init__(self, model: CosyVoice2Token2Wav, prompt_token: torch.Tensor,
+                 prompt_feat: torch.Tensor, embedding: torch.Tensor,
+                 generator: torch.Generator | None):
+        self.model = model
+        self.prompt_token = prompt_token
+        self.prompt_feat = prompt_feat
+        self.embedding = embedding
+        self.generator = generator
+        self.tokens: list[int] = []
+        self.token_offset = 0
+        self.cache: HiftCache | None = None
+        self.finished = False
+        hop = model.token_hop_len
+        p = prompt_token.shape[1]
+        self.prompt_token_pad = math.ceil(p / hop) * hop - p
+
+    def _hop(self) -> int:
+        hop = self.model.token_hop_len
+        return hop + self.prompt_token_pad if self.token_offset == 0 else hop
+
+    def _decode(self, n: int, finalize: bool) -> torch.Tensor:
+        token = torch.tensor([self.tokens[:n]], dtype=torch.int32)
+        speech, self.cache = self.model.token2wav(
+            token, self.prompt_token, self.prompt_feat, self.embedding,
+            token_offset=self.token_offset, cache=self.cache,
+            stream=not finalize, finalize=finalize,
+            generator=self.generator)
+        return speech
+
+    def push(self, tokens: Any = (), final: bool = False) -> list[torch.Tensor]:
+        if self.finished:
+            raise RuntimeError("stream already finished")
+        self.tokens.extend(int(t) for t in tokens)
+        look = self.model.pre_lookahead_len
+        out: list[torch.Tensor] = []
+        while True:
+            hop = self._hop()
+            ready = len(self.tokens) - self.token_offset >= hop + look
+            if ready:
+                out.append(self._decode(self.token_offset + hop + look,
+                                        finalize=False))
+                self.token_offset += hop
+            # Same stop test as the original's loop once the LLM has ended
+            # (it uses the hop of the iteration that just ran).
+            if final and len(self.tokens) - self.token_offset < hop + look:
+                break
+            if not final and not ready:
+                break
+        if final:
+            out.append(self._decode(len(self.tokens), finalize=True))
+            self.finished = True
+        return out
+
+    def finish(self) -> list[torch.Tensor]:
+        return self.push((), final=True)
