@@ -544,3 +544,60 @@ def test_token2wav_from_release_dir(stream_models, ref_hift, tmp_path):
         _RELEASE_YAML.replace("base_channels: 32", "base_channels: 64"))
     with pytest.raises(ValueError, match="hift.pt: state dict does not"):
         CosyVoice2Token2Wav.from_pretrained(str(tmp_path))
+
+
+# ------------------------------------------------ release-size key sets ----
+RELEASE_FLOW_YAML = {
+    **FLOW_YAML, "vocab_size": 6561,
+    "encoder": {**FLOW_YAML["encoder"], "linear_units": 2048,
+                "num_blocks": 6},
+    "decoder": {**FLOW_YAML["decoder"], "estimator": {
+        **FLOW_YAML["decoder"]["estimator"], "channels": [256],
+        "attention_head_dim": 64, "n_blocks": 4, "num_mid_blocks": 12,
+        "num_heads": 8}}}
+
+
+def _shapes(module: torch.nn.Module) -> dict:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def test_release_dims_key_sets_match():
+    """At cosyvoice2.yaml's real dims, our parameter names and shapes are
+    exactly the original's (built on the meta device: no weights)."""
+    from vllm.model_executor.models.cosyvoice_flow import (
+        CausalMaskedDiffWithXvec)
+    with torch.device("meta"):
+        ref_flow = RefFlow(
+            **{k: v for k, v in RELEASE_FLOW_YAML.items()
+               if k not in ("encoder", "decoder")},
+            encoder=RefEncoder(**RELEASE_FLOW_YAML["encoder"]),
+            decoder=RefCFM(
+                in_channels=240, n_spks=1, spk_emb_dim=80,
+                cfm_params=DictConfig(
+                    FLOW_YAML["decoder"]["cfm_params"]["content"]),
+                estimator=RefEstimator(
+                    **RELEASE_FLOW_YAML["decoder"]["estimator"])))
+        ours_flow = CausalMaskedDiffWithXvec(
+            CosyVoiceFlowConfig.from_dict(RELEASE_FLOW_YAML))
+        ref_h = RefHiFT(**{**HIFT_KW, "base_channels": 512},
+                        f0_predictor=RefF0Predictor(1, 80, 512))
+        ours_h = HiFTGenerator(HiFTConfig())
+    assert _shapes(ours_flow) == _shapes(ref_flow)
+    assert _shapes(ours_h) == _shapes(ref_h)
+    assert CosyVoiceFlowConfig() == CosyVoiceFlowConfig.from_dict(
+        {**RELEASE_FLOW_YAML, "decoder": {
+            **RELEASE_FLOW_YAML["decoder"], "estimator": {
+                **RELEASE_FLOW_YAML["decoder"]["estimator"],
+                "static_chunk_size": 50}}})
+
+
+@pytest.mark.parametrize("n_prompt,n_tok", [(3, 8)])
+def test_flow_parity_two_level_unet(tmp_path, n_prompt, n_tok):
+    """A UNet with two resolutions (strided down/up-sampling blocks)."""
+    yaml = {**FLOW_YAML, "decoder": {**FLOW_YAML["decoder"], "estimator": {
+        **FLOW_YAML["decoder"]["estimator"], "channels": [16, 24]}}}
+    ref = _build_ref_flow(yaml)
+    ours = load_flow(ref.state_dict(), CosyVoiceFlowConfig.from_dict(yaml))
+    args = _flow_inputs(n_prompt, n_tok, seed=2)
+    want = _ref_flow_call(ref, *args, streaming=False, finalize=True)
+    assert rel_err(ours(*args), want) < 1e-3

@@ -191,10 +191,13 @@ class SineGen(nn.Module):
                                  dtype=f0.dtype)
         fn = f0 * harmonics  # [B, L, dim]
         rad = torch.remainder(fn / self.sampling_rate, 1.0)
+        # Draw on the generator's device (a CPU generator gives the same
+        # numbers whatever device the model runs on).
+        rng_dev = generator.device if generator is not None else f0.device
         if phase_init is None:
             phase_init = torch.rand(b, self.dim, generator=generator,
-                                    device=f0.device, dtype=f0.dtype)
-        phase_init = phase_init.clone()
+                                    device=rng_dev, dtype=f0.dtype)
+        phase_init = phase_init.to(f0.device).clone()
         phase_init[:, 0] = 0
         rad = rad.clone()
         rad[:, 0, :] = rad[:, 0, :] + phase_init
@@ -212,9 +215,10 @@ class SineGen(nn.Module):
             # [B, dim, L] buffer; normal_() on such a strided view takes a
             # different (non-vectorized) path than on a contiguous tensor,
             # so draw into the same layout to reproduce its values.
-            noise = torch.empty(b, self.dim, length, device=f0.device,
+            noise = torch.empty(b, self.dim, length, device=rng_dev,
                                 dtype=f0.dtype).transpose(1, 2).normal_(
                                     generator=generator)
+        noise = noise.to(f0.device)
         noise_amp = uv * self.noise_std + (1 - uv) * (self.sine_amp / 3)
         return sines * uv + noise_amp * noise, uv
 
@@ -240,7 +244,8 @@ class SourceModuleHnNSF(nn.Module):
             # The original also draws a noise-branch tensor here that the
             # vocoder never uses; draw (and drop) it too so that successive
             # calls (streaming chunks) consume the RNG stream identically.
-            torch.empty_like(uv).normal_(generator=generator)
+            rng_dev = generator.device if generator is not None else uv.device
+            torch.empty_like(uv, device=rng_dev).normal_(generator=generator)
         return torch.tanh(self.l_linear(sines))
 
 
