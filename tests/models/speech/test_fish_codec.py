@@ -209,6 +209,14 @@ def test_dac_loader_rejects_bad_weights(dac_files, tmp_path):
 
     config = _load(path).config
 
+    # S2 layout: the same tensors without S1's persistent mask / rope
+    s2 = tmp_path / "s2_codec.pth"
+    torch.save({k: v
+                for k, v in sd.items()
+                if not k.endswith(("causal_mask", "freqs_cis"))}, s2)
+    codes = _random_codes(1, 3, seed=5)
+    assert torch.equal(_load(s2).decode(codes), _load(path).decode(codes))
+
     missing = dict(sd)
     del missing["decoder.model.2.block.1.conv.parametrizations.weight."
                 "original0"]
@@ -420,3 +428,23 @@ def test_firefly_bad_codes_and_weights(firefly, tmp_path):
         FireflyGANVQ(FireflyConfig.from_state_dict(
             {k: v.float() for k, v in fx["state_dict_bf16"].items()}
         )).load_codec_state_dict(sd)
+
+
+def test_bf16_weights_run(dac_files, firefly):
+    """Both codecs run with bf16 weights (decode, stream, encode) and stay
+    close to fp32."""
+    _, dac_path = dac_files
+    _, ff_path = firefly
+    for codec, codes, audio in (
+        (_load(dac_path), _random_codes(1, 6, seed=3), _test_audio(1, 9000)),
+        (FireflyGANVQ.from_pretrained(ff_path),
+         torch.randint(0, 1000, (1, 8, 6)), _test_audio(1, 9000)),
+    ):
+        ref = codec.decode(codes)
+        codec = codec.to(torch.bfloat16)
+        out = codec.decode(codes)
+        assert out.dtype == torch.bfloat16
+        assert _rel_err(out.float(), ref) < 0.1
+        streamed = codec.streaming_decoder().decode(codes)
+        assert _rel_err(streamed.float(), ref) < 0.1
+        assert codec.encode(audio).shape == (1, codec.num_codebooks, 5)

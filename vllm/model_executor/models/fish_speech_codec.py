@@ -891,7 +891,7 @@ class FishDAC(nn.Module):
         if audio.shape[-1] == 0:
             raise ValueError("audio is empty")
         pad = -audio.shape[-1] % self.frame_length
-        audio = F.pad(audio.float().to(self._device()), (0, pad))
+        audio = F.pad(audio.to(self._device(), self._dtype()), (0, pad))
         return self.quantizer.encode(self.encoder(audio))
 
     def streaming_decoder(self) -> CodecStreamingDecoder:
@@ -928,6 +928,9 @@ class FishDAC(nn.Module):
 
     def _device(self) -> torch.device:
         return self.decoder.model[0].conv.bias.device
+
+    def _dtype(self) -> torch.dtype:
+        return self.decoder.model[0].conv.bias.dtype
 
 
 # --------------------------------------------------------------------------
@@ -1104,14 +1107,15 @@ class FireflyLogMel(nn.Module):
                           cfg.n_fft,
                           hop_length=cfg.hop_length,
                           win_length=cfg.win_length,
-                          window=self.window,
+                          window=self.window.float(),
                           center=False,
                           normalized=False,
                           onesided=True,
                           return_complex=True)
         spec = torch.view_as_real(spec)
         mag = torch.sqrt(spec.pow(2).sum(-1) + 1e-6)
-        mel = torch.matmul(mag.transpose(-1, -2), self.fb).transpose(-1, -2)
+        mel = torch.matmul(mag.transpose(-1, -2),
+                           self.fb.float()).transpose(-1, -2)
         return torch.log(torch.clamp(mel, min=1e-5))
 
 
@@ -1184,11 +1188,12 @@ class _ResidualFSQGroup(nn.Module):
         return (codes * self.scales).sum(2)
 
     def decode(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.project_out(self.codes_from_indices(idx))
+        codes = self.codes_from_indices(idx)
+        return self.project_out(codes.to(self.project_out.weight.dtype))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, dim] -> indices [B, T, Q]"""
-        residual = self._bound(self.project_in(x))
+        residual = self._bound(self.project_in(x).float())
         half = self.levels // 2
         out = []
         for q in range(self.scales.shape[0]):
@@ -1346,6 +1351,9 @@ class FireflyGANVQ(nn.Module):
     def _device(self) -> torch.device:
         return self.head.conv_pre.conv.bias.device
 
+    def _dtype(self) -> torch.dtype:
+        return self.head.conv_pre.conv.bias.dtype
+
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, 8, T] -> audio [B, 1, T * frame_length]"""
@@ -1375,13 +1383,14 @@ class FireflyGANVQ(nn.Module):
             raise ValueError(f"audio shorter than one hop "
                              f"({self.hop_length} samples)")
         audio = audio.float().to(self._device())
-        mels = self.spec_transform(audio)
+        # the STFT front end runs in fp32 whatever the weights' dtype
+        mels = self.spec_transform(audio).to(self._dtype())
         if audio_lengths is None:
             audio_lengths = torch.full((audio.shape[0], ), audio.shape[-1])
         n_mel = torch.as_tensor(audio_lengths,
                                 device=mels.device) // self.hop_length
         mask = (torch.arange(mels.shape[-1], device=mels.device)[None]
-                < n_mel[:, None]).float()[:, None]
+                < n_mel[:, None]).to(mels.dtype)[:, None]
         mels = mels * mask
         return self.quantizer.encode(self.backbone(mels) * mask)
 
