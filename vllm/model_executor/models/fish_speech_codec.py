@@ -19,13 +19,21 @@ The persistent ``causal_mask`` / ``freqs_cis`` buffers of S1 files are not
 model state here (masks and rotary tables are built on the fly) and are
 skipped by the loader.
 
-Everything is causal, so the decoder also runs incrementally
+``FireflyGANVQ``: the fish-speech 1.5 codec
+(``firefly-gan-vq-fsq-8x1024-21hz-generator.pth``): log-mel ConvNeXt encoder,
+8 grouped FSQ books of 1000 codes (levels 8x5x5x5), causal HiFi-GAN head;
+the same 2048-sample frame.
+
+Both are causal, so the decoders also run incrementally
 (:class:`CodecStreamingDecoder`): every causal convolution keeps the last
 ``(kernel - 1) * dilation`` input samples, each transposed convolution the
 input frames that overlap the next chunk, and each window-limited
 transformer layer the keys / values of the last ``window - 1`` positions.
 Chunked output therefore equals the one-shot decode (up to float summation
 order).
+
+On CUDA, cuDNN convolutions default to TF32; parity checks against fp32
+references there need ``torch.backends.cudnn.allow_tf32 = False``.
 """
 
 from __future__ import annotations
