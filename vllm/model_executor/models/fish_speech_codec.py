@@ -69,7 +69,7 @@ class _WeightNormWeight(nn.Module):
 
     def __init__(self, shape: Sequence[int]) -> None:
         super().__init__()
-        g_shape = (shape[0], ) + (1, ) * (len(shape) - 1)
+        g_shape = (shape[0],) + (1,) * (len(shape) - 1)
         self.original0 = nn.Parameter(torch.ones(g_shape))  # g
         self.original1 = nn.Parameter(torch.empty(shape))  # v
         nn.init.normal_(self.original1, std=0.02)
@@ -79,7 +79,6 @@ class _WeightNormWeight(nn.Module):
 
 
 class _WeightNormParametrizations(nn.Module):
-
     def __init__(self, shape: Sequence[int]) -> None:
         super().__init__()
         self.weight = _WeightNormWeight(shape)
@@ -93,8 +92,7 @@ class _ConvParams(nn.Module):
     ``weight_g`` / ``weight_v``).
     """
 
-    def __init__(self, shape: Sequence[int], bias_size: int,
-                 norm: str | None) -> None:
+    def __init__(self, shape: Sequence[int], bias_size: int, norm: str | None) -> None:
         super().__init__()
         self.norm = norm
         if norm is None:
@@ -103,7 +101,7 @@ class _ConvParams(nn.Module):
         elif norm == "param":
             self.parametrizations = _WeightNormParametrizations(shape)
         elif norm == "legacy":
-            g_shape = (shape[0], ) + (1, ) * (len(shape) - 1)
+            g_shape = (shape[0],) + (1,) * (len(shape) - 1)
             self.weight_g = nn.Parameter(torch.ones(g_shape))
             self.weight_v = nn.Parameter(torch.empty(shape))
             nn.init.normal_(self.weight_v, std=0.02)
@@ -129,18 +127,20 @@ class CausalConv1d(nn.Module):
     right up to a whole number of output frames (as the original
     ``CausalConvNet``)."""
 
-    def __init__(self,
-                 in_channels: int,
-                 out_channels: int,
-                 kernel_size: int,
-                 stride: int = 1,
-                 dilation: int = 1,
-                 groups: int = 1,
-                 norm: str | None = "param") -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        norm: str | None = "param",
+    ) -> None:
         super().__init__()
         self.conv = _ConvParams(
-            (out_channels, in_channels // groups, kernel_size), out_channels,
-            norm)
+            (out_channels, in_channels // groups, kernel_size), out_channels, norm
+        )
         self.stride = stride
         self.dilation = dilation
         self.groups = groups
@@ -148,16 +148,18 @@ class CausalConv1d(nn.Module):
         self.left_pad = self.effective_kernel - stride
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv1d(x,
-                        self.conv.get_weight(),
-                        self.conv.bias,
-                        stride=self.stride,
-                        dilation=self.dilation,
-                        groups=self.groups)
+        return F.conv1d(
+            x,
+            self.conv.get_weight(),
+            self.conv.bias,
+            stride=self.stride,
+            dilation=self.dilation,
+            groups=self.groups,
+        )
 
-    def forward(self,
-                x: torch.Tensor,
-                state: StreamState | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, state: StreamState | None = None
+    ) -> torch.Tensor:
         if state is not None:
             return self._forward_stream(x, state)
         length = x.shape[-1]
@@ -169,11 +171,11 @@ class CausalConv1d(nn.Module):
         x = F.pad(x, (p, right_pad))
         return self._conv(x)
 
-    def _forward_stream(self, x: torch.Tensor,
-                        state: StreamState) -> torch.Tensor:
+    def _forward_stream(self, x: torch.Tensor, state: StreamState) -> torch.Tensor:
         if self.stride != 1:
             raise NotImplementedError(
-                "streaming is only defined for stride-1 causal convolutions")
+                "streaming is only defined for stride-1 causal convolutions"
+            )
         p = self.left_pad
         if p == 0:
             return self._conv(x)
@@ -190,34 +192,36 @@ class CausalConvTranspose1d(nn.Module):
     (the original ``CausalTransConvNet``): output frame block ``i`` depends
     on input frames ``i - ceil(k / s) + 1 .. i`` only."""
 
-    def __init__(self,
-                 in_channels: int,
-                 out_channels: int,
-                 kernel_size: int,
-                 stride: int,
-                 norm: str | None = "param") -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int,
+        norm: str | None = "param",
+    ) -> None:
         super().__init__()
-        self.conv = _ConvParams((in_channels, out_channels, kernel_size),
-                                out_channels, norm)
+        self.conv = _ConvParams(
+            (in_channels, out_channels, kernel_size), out_channels, norm
+        )
         self.kernel_size = kernel_size
         self.stride = stride
         # input frames of left context that overlap the current output
         self.context = -(-kernel_size // stride) - 1
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv_transpose1d(x,
-                                  self.conv.get_weight(),
-                                  self.conv.bias,
-                                  stride=self.stride)
+        return F.conv_transpose1d(
+            x, self.conv.get_weight(), self.conv.bias, stride=self.stride
+        )
 
-    def forward(self,
-                x: torch.Tensor,
-                state: StreamState | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, state: StreamState | None = None
+    ) -> torch.Tensor:
         n = x.shape[-1]
         s = self.stride
         if state is None or self.context == 0:
             y = self._conv(x)
-            return y[..., :n * s]
+            return y[..., : n * s]
         c = self.context
         past = state.get(self)
         if past is None:
@@ -227,7 +231,7 @@ class CausalConvTranspose1d(nn.Module):
         xc = torch.cat([past, x], dim=-1)
         state[self] = xc[..., -c:]
         y = self._conv(xc)
-        return y[..., c * s:c * s + n * s]
+        return y[..., c * s : c * s + n * s]
 
 
 class Snake1d(nn.Module):
@@ -237,54 +241,52 @@ class Snake1d(nn.Module):
         super().__init__()
         self.alpha = nn.Parameter(torch.ones(1, channels, 1))
 
-    def forward(self,
-                x: torch.Tensor,
-                state: StreamState | None = None) -> torch.Tensor:
-        return x + (self.alpha + 1e-9).reciprocal() * torch.sin(
-            self.alpha * x).pow(2)
+    def forward(
+        self, x: torch.Tensor, state: StreamState | None = None
+    ) -> torch.Tensor:
+        return x + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
 
 
 class _Tanh(nn.Module):
-
-    def forward(self,
-                x: torch.Tensor,
-                state: StreamState | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, state: StreamState | None = None
+    ) -> torch.Tensor:
         return torch.tanh(x)
 
 
 class _Identity(nn.Module):
-
-    def forward(self,
-                x: torch.Tensor,
-                state: StreamState | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, state: StreamState | None = None
+    ) -> torch.Tensor:
         return x
 
 
 class _Chain(nn.ModuleList):
     """nn.Sequential whose members take the stream state."""
 
-    def forward(self,
-                x: torch.Tensor,
-                state: StreamState | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, state: StreamState | None = None
+    ) -> torch.Tensor:
         for module in self:
             x = module(x, state)
         return x
 
 
 class ResidualUnit(nn.Module):
-
     def __init__(self, dim: int, dilation: int) -> None:
         super().__init__()
-        self.block = _Chain([
-            Snake1d(dim),
-            CausalConv1d(dim, dim, 7, dilation=dilation),
-            Snake1d(dim),
-            CausalConv1d(dim, dim, 1),
-        ])
+        self.block = _Chain(
+            [
+                Snake1d(dim),
+                CausalConv1d(dim, dim, 7, dilation=dilation),
+                Snake1d(dim),
+                CausalConv1d(dim, dim, 1),
+            ]
+        )
 
-    def forward(self,
-                x: torch.Tensor,
-                state: StreamState | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, state: StreamState | None = None
+    ) -> torch.Tensor:
         return x + self.block(x, state)
 
 
@@ -292,23 +294,18 @@ class ConvNeXtBlock(nn.Module):
     """Causal depthwise conv (k7) -> LayerNorm -> MLP(4x, GELU) -> gamma,
     with a residual connection (channels-first in and out)."""
 
-    def __init__(self, dim: int, mlp_ratio: float = 4.0,
-                 kernel_size: int = 7) -> None:
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, kernel_size: int = 7) -> None:
         super().__init__()
         hidden = int(mlp_ratio * dim)
-        self.dwconv = CausalConv1d(dim,
-                                   dim,
-                                   kernel_size,
-                                   groups=dim,
-                                   norm=None)
+        self.dwconv = CausalConv1d(dim, dim, kernel_size, groups=dim, norm=None)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, hidden)
         self.pwconv2 = nn.Linear(hidden, dim)
-        self.gamma = nn.Parameter(torch.full((dim, ), 1e-6))
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-6))
 
-    def forward(self,
-                x: torch.Tensor,
-                state: StreamState | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, state: StreamState | None = None
+    ) -> torch.Tensor:
         h = self.dwconv(x, state).transpose(1, 2)
         h = self.pwconv2(F.gelu(self.pwconv1(self.norm(h))))
         return x + (self.gamma * h).transpose(1, 2)
@@ -332,7 +329,6 @@ class FishDACTransformerConfig:
 
 
 class _RMSNorm(nn.Module):
-
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
@@ -345,25 +341,29 @@ class _RMSNorm(nn.Module):
 
 
 class _LayerScale(nn.Module):
-
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim, ), 1e-2))
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gamma
 
 
-def _rope_tables(positions: torch.Tensor, head_dim: int,
-                 base: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_tables(
+    positions: torch.Tensor, head_dim: int, base: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos / sin [T, head_dim // 2] for absolute positions.
 
     The original keeps its table in bfloat16, so the values are rounded
     through bfloat16 here too (then used in float32)."""
     half = head_dim // 2
-    inv_freq = 1.0 / (base**(
-        torch.arange(0, head_dim, 2, device=positions.device)[:half].float() /
-        head_dim))
+    inv_freq = 1.0 / (
+        base
+        ** (
+            torch.arange(0, head_dim, 2, device=positions.device)[:half].float()
+            / head_dim
+        )
+    )
     angles = torch.outer(positions.float(), inv_freq)
     rot = torch.polar(torch.ones_like(angles), angles)
     cos = rot.real.to(torch.bfloat16).float()
@@ -371,8 +371,7 @@ def _rope_tables(positions: torch.Tensor, head_dim: int,
     return cos, sin
 
 
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> torch.Tensor:
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Interleaved (GPT-J style) rotary embedding; x [B, T, H, D]."""
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
@@ -383,7 +382,6 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor,
 
 
 class _Attention(nn.Module):
-
     def __init__(self, cfg: FishDACTransformerConfig) -> None:
         super().__init__()
         self.n_head = cfg.n_head
@@ -393,12 +391,15 @@ class _Attention(nn.Module):
         self.wo = nn.Linear(inner, cfg.dim, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         b, t, _ = x.shape
-        q, k, v = self.wqkv(x).view(b, t, 3, self.n_head,
-                                    self.head_dim).unbind(2)
+        q, k, v = self.wqkv(x).view(b, t, 3, self.n_head, self.head_dim).unbind(2)
         q = _apply_rope(q, cos, sin).transpose(1, 2)
         k = _apply_rope(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
@@ -411,7 +412,6 @@ class _Attention(nn.Module):
 
 
 class _FeedForward(nn.Module):
-
     def __init__(self, cfg: FishDACTransformerConfig) -> None:
         super().__init__()
         self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
@@ -423,7 +423,6 @@ class _FeedForward(nn.Module):
 
 
 class _TransformerBlock(nn.Module):
-
     def __init__(self, cfg: FishDACTransformerConfig) -> None:
         super().__init__()
         self.attention = _Attention(cfg)
@@ -444,12 +443,10 @@ class WindowLimitedTransformer(nn.Module):
     """Causal transformer over [B, C, T] whose attention sees the last
     ``window_size`` positions (itself included)."""
 
-    def __init__(self, cfg: FishDACTransformerConfig,
-                 input_dim: int) -> None:
+    def __init__(self, cfg: FishDACTransformerConfig, input_dim: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.layers = nn.ModuleList(
-            _TransformerBlock(cfg) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(_TransformerBlock(cfg) for _ in range(cfg.n_layer))
         self.norm = _RMSNorm(cfg.dim, cfg.norm_eps)
         if input_dim != cfg.dim:
             self.input_proj = nn.Linear(input_dim, cfg.dim)
@@ -458,9 +455,9 @@ class WindowLimitedTransformer(nn.Module):
             self.input_proj = None
             self.output_proj = None
 
-    def forward(self,
-                x: torch.Tensor,
-                state: StreamState | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, state: StreamState | None = None
+    ) -> torch.Tensor:
         x = x.transpose(1, 2)
         if self.input_proj is not None:
             x = self.input_proj(x)
@@ -482,9 +479,11 @@ class WindowLimitedTransformer(nn.Module):
             x, kv = layer(x, cos, sin, mask, kv)
             if state is not None:
                 if window is not None:
-                    kv = (kv[0][:, :, -(window - 1):],
-                          kv[1][:, :, -(window - 1):]) if window > 1 else (
-                              kv[0][:, :, :0], kv[1][:, :, :0])
+                    kv = (
+                        (kv[0][:, :, -(window - 1) :], kv[1][:, :, -(window - 1) :])
+                        if window > 1
+                        else (kv[0][:, :, :0], kv[1][:, :, :0])
+                    )
                 new_past.append(kv)
         if state is not None:
             state[self] = (start + t, new_past)
@@ -500,33 +499,36 @@ class WindowLimitedTransformer(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-
-    def __init__(self, dim: int, stride: int,
-                 transformer: FishDACTransformerConfig | None) -> None:
+    def __init__(
+        self, dim: int, stride: int, transformer: FishDACTransformerConfig | None
+    ) -> None:
         super().__init__()
         half = dim // 2
-        self.block = _Chain([
-            ResidualUnit(half, 1),
-            ResidualUnit(half, 3),
-            ResidualUnit(half, 9),
-            Snake1d(half),
-            CausalConv1d(half, dim, 2 * stride, stride=stride),
-            (WindowLimitedTransformer(transformer, dim)
-             if transformer is not None else _Identity()),
-        ])
+        self.block = _Chain(
+            [
+                ResidualUnit(half, 1),
+                ResidualUnit(half, 3),
+                ResidualUnit(half, 9),
+                Snake1d(half),
+                CausalConv1d(half, dim, 2 * stride, stride=stride),
+                (
+                    WindowLimitedTransformer(transformer, dim)
+                    if transformer is not None
+                    else _Identity()
+                ),
+            ]
+        )
 
     def forward(self, x, state=None):
         return self.block(x, state)
 
 
 class Encoder(nn.Module):
-
     def __init__(self, cfg: FishDACConfig) -> None:
         super().__init__()
         d = cfg.encoder_dim
         blocks: list[nn.Module] = [CausalConv1d(1, d, 7)]
-        for stride, n_t in zip(cfg.encoder_rates,
-                               cfg.encoder_transformer_layers):
+        for stride, n_t in zip(cfg.encoder_rates, cfg.encoder_transformer_layers):
             d *= 2
             tcfg = None
             if n_t > 0:
@@ -538,7 +540,8 @@ class Encoder(nn.Module):
                     head_dim=cfg.encoder_head_dim,
                     rope_base=cfg.rope_base,
                     norm_eps=cfg.norm_eps,
-                    window_size=cfg.encoder_window_size)
+                    window_size=cfg.encoder_window_size,
+                )
             blocks.append(EncoderBlock(d, stride, tcfg))
         blocks += [Snake1d(d), CausalConv1d(d, cfg.latent_dim, 3)]
         self.block = _Chain(blocks)
@@ -548,30 +551,30 @@ class Encoder(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-
     def __init__(self, in_dim: int, out_dim: int, stride: int) -> None:
         super().__init__()
-        self.block = _Chain([
-            Snake1d(in_dim),
-            CausalConvTranspose1d(in_dim, out_dim, 2 * stride, stride),
-            ResidualUnit(out_dim, 1),
-            ResidualUnit(out_dim, 3),
-            ResidualUnit(out_dim, 9),
-        ])
+        self.block = _Chain(
+            [
+                Snake1d(in_dim),
+                CausalConvTranspose1d(in_dim, out_dim, 2 * stride, stride),
+                ResidualUnit(out_dim, 1),
+                ResidualUnit(out_dim, 3),
+                ResidualUnit(out_dim, 9),
+            ]
+        )
 
     def forward(self, x, state=None):
         return self.block(x, state)
 
 
 class Decoder(nn.Module):
-
     def __init__(self, cfg: FishDACConfig) -> None:
         super().__init__()
         ch = cfg.decoder_dim
         layers: list[nn.Module] = [CausalConv1d(cfg.latent_dim, ch, 7)]
         out_dim = ch
         for i, stride in enumerate(cfg.decoder_rates):
-            in_dim, out_dim = ch // 2**i, ch // 2**(i + 1)
+            in_dim, out_dim = ch // 2**i, ch // 2 ** (i + 1)
             layers.append(DecoderBlock(in_dim, out_dim, stride))
         layers += [Snake1d(out_dim), CausalConv1d(out_dim, 1, 7), _Tanh()]
         self.model = _Chain(layers)
@@ -589,14 +592,11 @@ class VectorQuantize(nn.Module):
     """DAC factorized VQ: 1x1 in/out projections (legacy weight norm) and a
     codebook searched by cosine similarity."""
 
-    def __init__(self, input_dim: int, codebook_size: int,
-                 codebook_dim: int) -> None:
+    def __init__(self, input_dim: int, codebook_size: int, codebook_dim: int) -> None:
         super().__init__()
         self.codebook_size = codebook_size
-        self.in_proj = _ConvParams((codebook_dim, input_dim, 1), codebook_dim,
-                                   "legacy")
-        self.out_proj = _ConvParams((input_dim, codebook_dim, 1), input_dim,
-                                    "legacy")
+        self.in_proj = _ConvParams((codebook_dim, input_dim, 1), codebook_dim, "legacy")
+        self.out_proj = _ConvParams((input_dim, codebook_dim, 1), input_dim, "legacy")
         self.codebook = nn.Embedding(codebook_size, codebook_dim)
 
     def _out(self, z_p: torch.Tensor) -> torch.Tensor:
@@ -614,8 +614,11 @@ class VectorQuantize(nn.Module):
         book = F.normalize(self.codebook.weight)
         # squared euclidean distance of unit vectors, in the same form as
         # the original so that the argmin matches it bit for bit
-        dist = (enc.pow(2).sum(1, keepdim=True) - 2 * enc @ book.t() +
-                book.pow(2).sum(1, keepdim=True).t())
+        dist = (
+            enc.pow(2).sum(1, keepdim=True)
+            - 2 * enc @ book.t()
+            + book.pow(2).sum(1, keepdim=True).t()
+        )
         codes = (-dist).max(1)[1].view(b, t)
         z_q = self.codebook(codes).transpose(1, 2)
         # the original's straight-through form; kept for bit-exact residuals
@@ -624,14 +627,15 @@ class VectorQuantize(nn.Module):
 
 
 class ResidualVectorQuantize(nn.Module):
-
-    def __init__(self, input_dim: int, n_codebooks: int, codebook_size: int,
-                 codebook_dim: int) -> None:
+    def __init__(
+        self, input_dim: int, n_codebooks: int, codebook_size: int, codebook_dim: int
+    ) -> None:
         super().__init__()
         self.codebook_size = codebook_size
         self.quantizers = nn.ModuleList(
             VectorQuantize(input_dim, codebook_size, codebook_dim)
-            for _ in range(n_codebooks))
+            for _ in range(n_codebooks)
+        )
 
     def from_codes(self, codes: torch.Tensor) -> torch.Tensor:
         z = None
@@ -660,30 +664,30 @@ class DownsampleResidualVectorQuantize(nn.Module):
         super().__init__()
         dim = cfg.latent_dim
         self.semantic_quantizer = ResidualVectorQuantize(
-            dim, 1, cfg.semantic_codebook_size, cfg.codebook_dim)
-        self.quantizer = ResidualVectorQuantize(dim, cfg.n_codebooks,
-                                                cfg.codebook_size,
-                                                cfg.codebook_dim)
+            dim, 1, cfg.semantic_codebook_size, cfg.codebook_dim
+        )
+        self.quantizer = ResidualVectorQuantize(
+            dim, cfg.n_codebooks, cfg.codebook_size, cfg.codebook_dim
+        )
         self.downsample = _Chain(
-            _Chain([
-                CausalConv1d(dim, dim, f, stride=f, norm=None),
-                ConvNeXtBlock(dim)
-            ]) for f in cfg.downsample_factor)
+            _Chain([CausalConv1d(dim, dim, f, stride=f, norm=None), ConvNeXtBlock(dim)])
+            for f in cfg.downsample_factor
+        )
         self.upsample = _Chain(
-            _Chain([
-                CausalConvTranspose1d(dim, dim, f, f, norm=None),
-                ConvNeXtBlock(dim)
-            ]) for f in reversed(cfg.downsample_factor))
-        self.pre_module = WindowLimitedTransformer(cfg.quantizer_transformer,
-                                                   dim)
-        self.post_module = WindowLimitedTransformer(
-            cfg.quantizer_transformer, dim)
+            _Chain(
+                [CausalConvTranspose1d(dim, dim, f, f, norm=None), ConvNeXtBlock(dim)]
+            )
+            for f in reversed(cfg.downsample_factor)
+        )
+        self.pre_module = WindowLimitedTransformer(cfg.quantizer_transformer, dim)
+        self.post_module = WindowLimitedTransformer(cfg.quantizer_transformer, dim)
 
-    def decode(self,
-               codes: torch.Tensor,
-               state: StreamState | None = None) -> torch.Tensor:
-        z = (self.semantic_quantizer.from_codes(codes[:, :1]) +
-             self.quantizer.from_codes(codes[:, 1:]))
+    def decode(
+        self, codes: torch.Tensor, state: StreamState | None = None
+    ) -> torch.Tensor:
+        z = self.semantic_quantizer.from_codes(
+            codes[:, :1]
+        ) + self.quantizer.from_codes(codes[:, 1:])
         z = self.post_module(z, state)
         return self.upsample(z, state)
 
@@ -722,7 +726,8 @@ class FishDACConfig:
     codebook_dim: int = 8
     downsample_factor: tuple[int, ...] = (2, 2)
     quantizer_transformer: FishDACTransformerConfig = field(
-        default_factory=FishDACTransformerConfig)
+        default_factory=FishDACTransformerConfig
+    )
 
     @property
     def hop_length(self) -> int:
@@ -733,8 +738,9 @@ class FishDACConfig:
         return self.hop_length * math.prod(self.downsample_factor)
 
     @classmethod
-    def from_state_dict(cls, sd: Mapping[str, torch.Tensor],
-                        **overrides: Any) -> FishDACConfig:
+    def from_state_dict(
+        cls, sd: Mapping[str, torch.Tensor], **overrides: Any
+    ) -> FishDACConfig:
         """Read the sizes a ``codec.pth`` implies. Head sizes, window sizes
         and rope base are not stored; they keep the release defaults unless
         given in ``overrides`` (``quantizer_head_dim``,
@@ -743,14 +749,14 @@ class FishDACConfig:
 
         def shape(key: str) -> tuple[int, ...]:
             if key not in sd:
-                raise KeyError(f"codec state dict lacks {key!r}: not a "
-                               "Fish modded-DAC codec.pth")
+                raise KeyError(
+                    f"codec state dict lacks {key!r}: not a Fish modded-DAC codec.pth"
+                )
             return tuple(sd[key].shape)
 
         wn = "conv.parametrizations.weight.original1"
         kw: dict[str, Any] = {}
-        kw["decoder_dim"], kw["latent_dim"], _ = shape(
-            f"decoder.model.0.{wn}")
+        kw["decoder_dim"], kw["latent_dim"], _ = shape(f"decoder.model.0.{wn}")
         rates = []
         i = 1
         while f"decoder.model.{i}.block.1.{wn}" in sd:
@@ -764,13 +770,11 @@ class FishDACConfig:
             enc_rates, enc_layers = [], []
             i = 1
             while f"encoder.block.{i}.block.4.{wn}" in sd:
-                enc_rates.append(
-                    shape(f"encoder.block.{i}.block.4.{wn}")[2] // 2)
+                enc_rates.append(shape(f"encoder.block.{i}.block.4.{wn}")[2] // 2)
                 prefix = f"encoder.block.{i}.block.5.layers."
-                n = len({
-                    k[len(prefix):].split(".")[0]
-                    for k in sd if k.startswith(prefix)
-                })
+                n = len(
+                    {k[len(prefix) :].split(".")[0] for k in sd if k.startswith(prefix)}
+                )
                 enc_layers.append(n)
                 i += 1
             kw["encoder_rates"] = tuple(enc_rates)
@@ -778,9 +782,9 @@ class FishDACConfig:
 
         q = "quantizer."
         kw["semantic_codebook_size"], kw["codebook_dim"] = shape(
-            q + "semantic_quantizer.quantizers.0.codebook.weight")
-        kw["codebook_size"], _ = shape(q +
-                                       "quantizer.quantizers.0.codebook.weight")
+            q + "semantic_quantizer.quantizers.0.codebook.weight"
+        )
+        kw["codebook_size"], _ = shape(q + "quantizer.quantizers.0.codebook.weight")
         n = 0
         while f"{q}quantizer.quantizers.{n}.codebook.weight" in sd:
             n += 1
@@ -796,8 +800,8 @@ class FishDACConfig:
         window = overrides.pop("quantizer_window_size", 128)
         prefix = q + "post_module.layers."
         n_layer = len(
-            {k[len(prefix):].split(".")[0]
-             for k in sd if k.startswith(prefix)})
+            {k[len(prefix) :].split(".")[0] for k in sd if k.startswith(prefix)}
+        )
         qkv_out, dim = shape(prefix + "0.attention.wqkv.weight")
         inter, _ = shape(prefix + "0.feed_forward.w1.weight")
         kw["quantizer_transformer"] = FishDACTransformerConfig(
@@ -808,19 +812,20 @@ class FishDACConfig:
             head_dim=head_dim,
             rope_base=overrides.get("rope_base", 10000.0),
             norm_eps=overrides.get("norm_eps", 1e-5),
-            window_size=window)
+            window_size=window,
+        )
         kw.update(overrides)
         return cls(**kw)
 
 
-def _strip_state_dict(
-        sd: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+def _strip_state_dict(sd: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
     if any(k.startswith("generator.") for k in sd):
         sd = {
-            k[len("generator."):]: v
-            for k, v in sd.items() if k.startswith("generator.")
+            k[len("generator.") :]: v
+            for k, v in sd.items()
+            if k.startswith("generator.")
         }
     return sd
 
@@ -832,9 +837,9 @@ class FishDAC(nn.Module):
     ``encode(audio[B, 1, L]) -> codes[B, 10, ceil(L / 2048)]`` at 44.1 kHz.
     """
 
-    def __init__(self,
-                 config: FishDACConfig | None = None,
-                 with_encoder: bool = True) -> None:
+    def __init__(
+        self, config: FishDACConfig | None = None, with_encoder: bool = True
+    ) -> None:
         super().__init__()
         self.config = config = config or FishDACConfig()
         self.sample_rate = config.sample_rate
@@ -846,10 +851,13 @@ class FishDAC(nn.Module):
         self.quantizer = DownsampleResidualVectorQuantize(config)
         self.decoder = Decoder(config)
         if config.frame_length != math.prod(config.decoder_rates) * math.prod(
-                config.downsample_factor):
-            raise ValueError("encoder and decoder rates disagree: "
-                             f"{config.encoder_rates} vs "
-                             f"{config.decoder_rates}")
+            config.downsample_factor
+        ):
+            raise ValueError(
+                "encoder and decoder rates disagree: "
+                f"{config.encoder_rates} vs "
+                f"{config.decoder_rates}"
+            )
 
     def check_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Validate codes [B, K, T] (or [K, T]) and return them as [B, K, T].
@@ -863,19 +871,21 @@ class FishDAC(nn.Module):
         if codes.ndim == 2:
             codes = codes[None]
         if codes.ndim != 3 or codes.shape[1] != self.num_codebooks:
-            raise ValueError(f"codes must be [B, {self.num_codebooks}, T], "
-                             f"got {tuple(codes.shape)}")
+            raise ValueError(
+                f"codes must be [B, {self.num_codebooks}, T], got {tuple(codes.shape)}"
+            )
         if codes.shape[2] == 0:
             raise ValueError("codes have no frames")
         cfg = self.config
-        for rows, size, what in ((codes[:, :1], cfg.semantic_codebook_size,
-                                  "semantic"), (codes[:, 1:],
-                                                cfg.codebook_size,
-                                                "residual")):
+        for rows, size, what in (
+            (codes[:, :1], cfg.semantic_codebook_size, "semantic"),
+            (codes[:, 1:], cfg.codebook_size, "residual"),
+        ):
             lo, hi = int(rows.min()), int(rows.max())
             if lo < 0 or hi >= size:
-                raise ValueError(f"{what} codes must lie in [0, {size}), "
-                                 f"got values in [{lo}, {hi}]")
+                raise ValueError(
+                    f"{what} codes must lie in [0, {size}), got values in [{lo}, {hi}]"
+                )
         return codes.long()
 
     @torch.inference_mode()
@@ -895,7 +905,8 @@ class FishDAC(nn.Module):
             audio = audio[:, None]
         if audio.ndim != 3 or audio.shape[1] != 1:
             raise ValueError(
-                f"audio must be [B, 1, L] or [B, L], got {tuple(audio.shape)}")
+                f"audio must be [B, 1, L] or [B, L], got {tuple(audio.shape)}"
+            )
         if audio.shape[-1] == 0:
             raise ValueError("audio is empty")
         pad = -audio.shape[-1] % self.frame_length
@@ -906,18 +917,19 @@ class FishDAC(nn.Module):
         return CodecStreamingDecoder(self)
 
     @classmethod
-    def from_pretrained(cls,
-                        path: str | os.PathLike,
-                        config: FishDACConfig | None = None,
-                        with_encoder: bool = True,
-                        device: torch.device | str = "cpu",
-                        **config_overrides: Any) -> FishDAC:
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        config: FishDACConfig | None = None,
+        with_encoder: bool = True,
+        device: torch.device | str = "cpu",
+        **config_overrides: Any,
+    ) -> FishDAC:
         """Load a released ``codec.pth`` (or a directory holding one)."""
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "codec.pth")
-        sd = torch.load(path, map_location="cpu", mmap=True,
-                        weights_only=True)
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         sd = _strip_state_dict(sd)
         if config is None:
             config = FishDACConfig.from_state_dict(sd, **config_overrides)
@@ -929,10 +941,11 @@ class FishDAC(nn.Module):
         """Load release-format weights strictly: skip the S1 mask / rope
         buffers (and the encoder when built without it); any missing,
         unexpected or mis-shaped tensor is an error."""
-        _load_strict(self,
-                     _strip_state_dict(sd),
-                     skip_prefixes=() if self.encoder is not None else
-                     ("encoder.", ))
+        _load_strict(
+            self,
+            _strip_state_dict(sd),
+            skip_prefixes=() if self.encoder is not None else ("encoder.",),
+        )
 
     def _device(self) -> torch.device:
         return self.decoder.model[0].conv.bias.device
@@ -968,7 +981,7 @@ class FireflyConfig:
     upsample_rates: tuple[int, ...] = (8, 8, 2, 2, 2)
     upsample_kernel_sizes: tuple[int, ...] = (16, 16, 4, 4, 4)
     resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
-    resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), ) * 3
+    resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5),) * 3
     pre_conv_kernel_size: int = 13
     post_conv_kernel_size: int = 13
 
@@ -985,8 +998,9 @@ class FireflyConfig:
         return math.prod(self.fsq_levels)
 
     @classmethod
-    def from_state_dict(cls, sd: Mapping[str, torch.Tensor],
-                        **overrides: Any) -> FireflyConfig:
+    def from_state_dict(
+        cls, sd: Mapping[str, torch.Tensor], **overrides: Any
+    ) -> FireflyConfig:
         """Read the sizes a generator ``.pth`` implies. Not stored, so kept
         at the release values unless overridden: FSQ levels (only their
         count is checked), resblock dilations, STFT sizes; upsample strides
@@ -995,15 +1009,16 @@ class FireflyConfig:
 
         def shape(key: str) -> tuple[int, ...]:
             if key not in sd:
-                raise KeyError(f"generator state dict lacks {key!r}: not a "
-                               "Fish firefly-gan-vq checkpoint")
+                raise KeyError(
+                    f"generator state dict lacks {key!r}: not a "
+                    "Fish firefly-gan-vq checkpoint"
+                )
             return tuple(sd[key].shape)
 
         def count(prefix: str) -> int:
-            return len({
-                k[len(prefix):].split(".")[0]
-                for k in sd if k.startswith(prefix)
-            })
+            return len(
+                {k[len(prefix) :].split(".")[0] for k in sd if k.startswith(prefix)}
+            )
 
         wn = "conv.parametrizations.weight.original1"
         kw: dict[str, Any] = {}
@@ -1011,20 +1026,19 @@ class FireflyConfig:
         kernels = tuple(shape(f"head.ups.{i}.{wn}")[2] for i in range(n_ups))
         kw["upsample_kernel_sizes"] = kernels
         kw["upsample_rates"] = tuple(k // 2 for k in kernels)
-        c0, mels_in, kw["pre_conv_kernel_size"] = shape(
-            f"head.conv_pre.{wn}")
+        c0, mels_in, kw["pre_conv_kernel_size"] = shape(f"head.conv_pre.{wn}")
         kw["upsample_initial_channel"] = c0
         kw["post_conv_kernel_size"] = shape(f"head.conv_post.{wn}")[2]
         n_res = count("head.resblocks.0.blocks.")
         kw["resblock_kernel_sizes"] = tuple(
-            shape(f"head.resblocks.0.blocks.{j}.convs1.0.{wn}")[2]
-            for j in range(n_res))
+            shape(f"head.resblocks.0.blocks.{j}.convs1.0.{wn}")[2] for j in range(n_res)
+        )
         kw["resblock_dilation_sizes"] = overrides.pop(
-            "resblock_dilation_sizes", ((1, 3, 5), ) * n_res)
+            "resblock_dilation_sizes", ((1, 3, 5),) * n_res
+        )
         groups = count("quantizer.residual_fsq.rvqs.")
         kw["fsq_groups"] = groups
-        code_dim, group_dim = shape(
-            "quantizer.residual_fsq.rvqs.0.project_in.weight")
+        code_dim, group_dim = shape("quantizer.residual_fsq.rvqs.0.project_in.weight")
         factors = [
             shape(f"quantizer.downsample.{i}.0.conv.weight")[2]
             for i in range(count("quantizer.downsample."))
@@ -1033,26 +1047,31 @@ class FireflyConfig:
         if "backbone.norm.weight" in sd:
             n_stages = count("backbone.stages.")
             kw["backbone_depths"] = tuple(
-                count(f"backbone.stages.{i}.") for i in range(n_stages))
+                count(f"backbone.stages.{i}.") for i in range(n_stages)
+            )
             kw["backbone_dims"] = tuple(
-                shape(f"backbone.stages.{i}.0.gamma")[0]
-                for i in range(n_stages))
+                shape(f"backbone.stages.{i}.0.gamma")[0] for i in range(n_stages)
+            )
             kw["n_mels"] = shape("backbone.downsample_layers.0.0.conv.weight")[1]
             kw["backbone_kernel_size"] = shape(
-                "backbone.stages.0.0.dwconv.conv.weight")[2]
+                "backbone.stages.0.0.dwconv.conv.weight"
+            )[2]
         else:
             # decoder-only file: the latent size comes from the head
-            kw["backbone_dims"] = (mels_in, )
-            kw["backbone_depths"] = (0, )
+            kw["backbone_dims"] = (mels_in,)
+            kw["backbone_depths"] = (0,)
         kw.update(overrides)
         cfg = cls(**kw)
         if cfg.latent_dim != groups * group_dim or mels_in != cfg.latent_dim:
-            raise ValueError("inconsistent firefly sizes: latent "
-                             f"{cfg.latent_dim}, {groups} FSQ groups of "
-                             f"{group_dim}, head input {mels_in}")
+            raise ValueError(
+                "inconsistent firefly sizes: latent "
+                f"{cfg.latent_dim}, {groups} FSQ groups of "
+                f"{group_dim}, head input {mels_in}"
+            )
         if len(cfg.fsq_levels) != code_dim:
-            raise ValueError(f"FSQ code dim {code_dim} does not match levels "
-                             f"{cfg.fsq_levels}")
+            raise ValueError(
+                f"FSQ code dim {code_dim} does not match levels {cfg.fsq_levels}"
+            )
         return cfg
 
 
@@ -1092,38 +1111,41 @@ class FireflyLogMel(nn.Module):
     def __init__(self, cfg: FireflyConfig) -> None:
         super().__init__()
         import torchaudio.functional as AF
+
         self.cfg = cfg
-        self.register_buffer("window",
-                             torch.hann_window(cfg.win_length),
-                             persistent=False)
-        fb = AF.melscale_fbanks(n_freqs=cfg.n_fft // 2 + 1,
-                                f_min=0.0,
-                                f_max=float(cfg.sample_rate // 2),
-                                n_mels=cfg.n_mels,
-                                sample_rate=cfg.sample_rate,
-                                norm="slaney",
-                                mel_scale="slaney")
+        self.register_buffer(
+            "window", torch.hann_window(cfg.win_length), persistent=False
+        )
+        fb = AF.melscale_fbanks(
+            n_freqs=cfg.n_fft // 2 + 1,
+            f_min=0.0,
+            f_max=float(cfg.sample_rate // 2),
+            n_mels=cfg.n_mels,
+            sample_rate=cfg.sample_rate,
+            norm="slaney",
+            mel_scale="slaney",
+        )
         self.register_buffer("fb", fb, persistent=False)
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         """audio [B, L] -> log mel [B, n_mels, frames]"""
         cfg = self.cfg
         extra = cfg.win_length - cfg.hop_length
-        y = F.pad(audio[:, None], (extra // 2, (extra + 1) // 2),
-                  mode="reflect")[:, 0]
-        spec = torch.stft(y,
-                          cfg.n_fft,
-                          hop_length=cfg.hop_length,
-                          win_length=cfg.win_length,
-                          window=self.window.float(),
-                          center=False,
-                          normalized=False,
-                          onesided=True,
-                          return_complex=True)
+        y = F.pad(audio[:, None], (extra // 2, (extra + 1) // 2), mode="reflect")[:, 0]
+        spec = torch.stft(
+            y,
+            cfg.n_fft,
+            hop_length=cfg.hop_length,
+            win_length=cfg.win_length,
+            window=self.window.float(),
+            center=False,
+            normalized=False,
+            onesided=True,
+            return_complex=True,
+        )
         spec = torch.view_as_real(spec)
         mag = torch.sqrt(spec.pow(2).sum(-1) + 1e-6)
-        mel = torch.matmul(mag.transpose(-1, -2),
-                           self.fb.float()).transpose(-1, -2)
+        mel = torch.matmul(mag.transpose(-1, -2), self.fb.float()).transpose(-1, -2)
         return torch.log(torch.clamp(mel, min=1e-5))
 
 
@@ -1142,21 +1164,26 @@ class FireflyBackbone(nn.Module):
         dims = cfg.backbone_dims
         self.downsample_layers = nn.ModuleList()
         self.downsample_layers.append(
-            _Chain([
-                CausalConv1d(cfg.n_mels, dims[0], 7, norm=None),
-                _ChannelsFirstLayerNorm(dims[0])
-            ]))
+            _Chain(
+                [
+                    CausalConv1d(cfg.n_mels, dims[0], 7, norm=None),
+                    _ChannelsFirstLayerNorm(dims[0]),
+                ]
+            )
+        )
         for i in range(len(dims) - 1):
             self.downsample_layers.append(
-                _Chain([
-                    _ChannelsFirstLayerNorm(dims[i]),
-                    _PointwiseConv(dims[i], dims[i + 1])
-                ]))
+                _Chain(
+                    [
+                        _ChannelsFirstLayerNorm(dims[i]),
+                        _PointwiseConv(dims[i], dims[i + 1]),
+                    ]
+                )
+            )
         self.stages = nn.ModuleList(
-            _Chain(
-                FireflyConvNeXtBlock(d, cfg.backbone_kernel_size)
-                for _ in range(n))
-            for d, n in zip(dims, cfg.backbone_depths))
+            _Chain(FireflyConvNeXtBlock(d, cfg.backbone_kernel_size) for _ in range(n))
+            for d, n in zip(dims, cfg.backbone_depths)
+        )
         self.norm = _ChannelsFirstLayerNorm(dims[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1169,8 +1196,7 @@ class _ResidualFSQGroup(nn.Module):
     """One group of GroupedResidualFSQ: Linear in / out around
     ``num_quantizers`` FSQ stages with implicit codebooks."""
 
-    def __init__(self, dim: int, levels: Sequence[int],
-                 num_quantizers: int) -> None:
+    def __init__(self, dim: int, levels: Sequence[int], num_quantizers: int) -> None:
         super().__init__()
         self.project_in = nn.Linear(dim, len(levels))
         self.project_out = nn.Linear(len(levels), dim)
@@ -1178,8 +1204,7 @@ class _ResidualFSQGroup(nn.Module):
         self.register_buffer("levels", lv, persistent=False)
         basis = torch.cumprod(torch.tensor([1] + list(levels[:-1])), 0)
         self.register_buffer("basis", basis, persistent=False)
-        scales = torch.stack([(lv.float() - 1)**-q
-                              for q in range(num_quantizers)])
+        scales = torch.stack([(lv.float() - 1) ** -q for q in range(num_quantizers)])
         self.register_buffer("scales", scales, persistent=False)
 
     def _bound(self, z: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
@@ -1208,50 +1233,57 @@ class _ResidualFSQGroup(nn.Module):
             scale = self.scales[q]
             # FSQ.quantize bounds again before rounding
             code = self._bound(residual / scale).round() / half
-            out.append(((code * half + half) * self.basis).sum(-1).to(
-                torch.int32))
+            out.append(((code * half + half) * self.basis).sum(-1).to(torch.int32))
             residual = residual - code * scale
         return torch.stack(out, dim=-1).long()
 
 
 class _GroupedResidualFSQ(nn.Module):
-
     def __init__(self, cfg: FireflyConfig) -> None:
         super().__init__()
         self.rvqs = nn.ModuleList(
-            _ResidualFSQGroup(cfg.latent_dim // cfg.fsq_groups,
-                              cfg.fsq_levels, cfg.fsq_num_quantizers)
-            for _ in range(cfg.fsq_groups))
+            _ResidualFSQGroup(
+                cfg.latent_dim // cfg.fsq_groups, cfg.fsq_levels, cfg.fsq_num_quantizers
+            )
+            for _ in range(cfg.fsq_groups)
+        )
 
 
 class FireflyQuantizer(nn.Module):
-
     def __init__(self, cfg: FireflyConfig) -> None:
         super().__init__()
         dim = cfg.latent_dim
         self.cfg = cfg
         self.residual_fsq = _GroupedResidualFSQ(cfg)
         self.downsample = _Chain(
-            _Chain([
-                CausalConv1d(dim, dim, f, stride=f, norm=None),
-                FireflyConvNeXtBlock(dim)
-            ]) for f in cfg.downsample_factor)
+            _Chain(
+                [
+                    CausalConv1d(dim, dim, f, stride=f, norm=None),
+                    FireflyConvNeXtBlock(dim),
+                ]
+            )
+            for f in cfg.downsample_factor
+        )
         self.upsample = _Chain(
-            _Chain([
-                CausalConvTranspose1d(dim, dim, f, f, norm=None),
-                FireflyConvNeXtBlock(dim)
-            ]) for f in reversed(cfg.downsample_factor))
+            _Chain(
+                [
+                    CausalConvTranspose1d(dim, dim, f, f, norm=None),
+                    FireflyConvNeXtBlock(dim),
+                ]
+            )
+            for f in reversed(cfg.downsample_factor)
+        )
 
-    def decode(self,
-               codes: torch.Tensor,
-               state: StreamState | None = None) -> torch.Tensor:
+    def decode(
+        self, codes: torch.Tensor, state: StreamState | None = None
+    ) -> torch.Tensor:
         """codes [B, G * Q, T] -> latent [B, dim, T * prod(downsample)]"""
         g = self.cfg.fsq_groups
         b, _, t = codes.shape
         idx = codes.view(b, g, -1, t).permute(1, 0, 3, 2)  # [G, B, T, Q]
-        z = torch.cat([rvq.decode(i) for rvq, i in zip(self.residual_fsq.rvqs,
-                                                        idx)],
-                      dim=-1)
+        z = torch.cat(
+            [rvq.decode(i) for rvq, i in zip(self.residual_fsq.rvqs, idx)], dim=-1
+        )
         return self.upsample(z.transpose(1, 2), state)
 
     def encode(self, z: torch.Tensor) -> torch.Tensor:
@@ -1263,14 +1295,14 @@ class FireflyQuantizer(nn.Module):
 
 
 class _ResBlock1(nn.Module):
-
-    def __init__(self, ch: int, kernel: int,
-                 dilations: Sequence[int]) -> None:
+    def __init__(self, ch: int, kernel: int, dilations: Sequence[int]) -> None:
         super().__init__()
         self.convs1 = nn.ModuleList(
-            CausalConv1d(ch, ch, kernel, dilation=d) for d in dilations)
+            CausalConv1d(ch, ch, kernel, dilation=d) for d in dilations
+        )
         self.convs2 = nn.ModuleList(
-            CausalConv1d(ch, ch, kernel, dilation=d) for d in dilations)
+            CausalConv1d(ch, ch, kernel, dilation=d) for d in dilations
+        )
 
     def forward(self, x, state=None):
         for c1, c2 in zip(self.convs1, self.convs2):
@@ -1279,12 +1311,12 @@ class _ResBlock1(nn.Module):
 
 
 class _ParallelBlock(nn.Module):
-
     def __init__(self, ch: int, cfg: FireflyConfig) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            _ResBlock1(ch, k, d) for k, d in zip(cfg.resblock_kernel_sizes,
-                                                 cfg.resblock_dilation_sizes))
+            _ResBlock1(ch, k, d)
+            for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)
+        )
 
     def forward(self, x, state=None):
         return torch.stack([b(x, state) for b in self.blocks]).mean(0)
@@ -1296,17 +1328,20 @@ class FireflyHead(nn.Module):
     def __init__(self, cfg: FireflyConfig) -> None:
         super().__init__()
         c0 = cfg.upsample_initial_channel
-        self.conv_pre = CausalConv1d(cfg.latent_dim, c0,
-                                     cfg.pre_conv_kernel_size)
+        self.conv_pre = CausalConv1d(cfg.latent_dim, c0, cfg.pre_conv_kernel_size)
         self.ups = nn.ModuleList(
-            CausalConvTranspose1d(c0 // 2**i, c0 // 2**(i + 1), k, u)
+            CausalConvTranspose1d(c0 // 2**i, c0 // 2 ** (i + 1), k, u)
             for i, (u, k) in enumerate(
-                zip(cfg.upsample_rates, cfg.upsample_kernel_sizes)))
+                zip(cfg.upsample_rates, cfg.upsample_kernel_sizes)
+            )
+        )
         self.resblocks = nn.ModuleList(
-            _ParallelBlock(c0 // 2**(i + 1), cfg)
-            for i in range(len(cfg.upsample_rates)))
-        self.conv_post = CausalConv1d(c0 // 2**len(cfg.upsample_rates), 1,
-                                      cfg.post_conv_kernel_size)
+            _ParallelBlock(c0 // 2 ** (i + 1), cfg)
+            for i in range(len(cfg.upsample_rates))
+        )
+        self.conv_post = CausalConv1d(
+            c0 // 2 ** len(cfg.upsample_rates), 1, cfg.post_conv_kernel_size
+        )
 
     def forward(self, x, state=None):
         x = self.conv_pre(x, state)
@@ -1319,14 +1354,16 @@ class FireflyGANVQ(nn.Module):
     """fish-speech 1.5 codec: ``decode(codes[B, 8, T]) ->
     audio[B, 1, T * 2048]``, ``encode(audio) -> codes`` at 44.1 kHz."""
 
-    def __init__(self,
-                 config: FireflyConfig | None = None,
-                 with_encoder: bool = True) -> None:
+    def __init__(
+        self, config: FireflyConfig | None = None, with_encoder: bool = True
+    ) -> None:
         super().__init__()
         self.config = config = config or FireflyConfig()
         if math.prod(config.upsample_rates) != config.hop_length:
-            raise ValueError(f"upsample rates {config.upsample_rates} do not "
-                             f"multiply to hop {config.hop_length}")
+            raise ValueError(
+                f"upsample rates {config.upsample_rates} do not "
+                f"multiply to hop {config.hop_length}"
+            )
         self.sample_rate = config.sample_rate
         self.hop_length = config.hop_length
         self.frame_length = config.frame_length
@@ -1346,14 +1383,17 @@ class FireflyGANVQ(nn.Module):
         if codes.ndim == 2:
             codes = codes[None]
         if codes.ndim != 3 or codes.shape[1] != self.num_codebooks:
-            raise ValueError(f"codes must be [B, {self.num_codebooks}, T], "
-                             f"got {tuple(codes.shape)}")
+            raise ValueError(
+                f"codes must be [B, {self.num_codebooks}, T], got {tuple(codes.shape)}"
+            )
         if codes.shape[2] == 0:
             raise ValueError("codes have no frames")
         lo, hi = int(codes.min()), int(codes.max())
         if lo < 0 or hi >= self.codebook_size:
-            raise ValueError(f"codes must lie in [0, {self.codebook_size}), "
-                             f"got values in [{lo}, {hi}]")
+            raise ValueError(
+                f"codes must lie in [0, {self.codebook_size}), "
+                f"got values in [{lo}, {hi}]"
+            )
         return codes.long()
 
     def _device(self) -> torch.device:
@@ -1369,36 +1409,35 @@ class FireflyGANVQ(nn.Module):
         return self.head(self.quantizer.decode(codes))
 
     @torch.inference_mode()
-    def encode(self,
-               audio: torch.Tensor,
-               audio_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self, audio: torch.Tensor, audio_lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """audio [B, 1, L] or [B, L] -> codes [B, 8, ceil((L // hop) / 4)],
         as the original ``encode(audio, audio_lengths)``: mel frames past
         ``audio_lengths // hop`` (default: L) are zeroed; the trailing code
         frames cover that padding and partial frames (the valid count is
         ``audio_lengths // frame_length``)."""
         if self.backbone is None:
-            raise RuntimeError("this FireflyGANVQ was built without its "
-                               "encoder")
+            raise RuntimeError("this FireflyGANVQ was built without its encoder")
         if audio.ndim == 3:
             if audio.shape[1] != 1:
                 raise ValueError("audio must be mono [B, 1, L]")
             audio = audio[:, 0]
         if audio.ndim != 2:
             raise ValueError(
-                f"audio must be [B, 1, L] or [B, L], got {tuple(audio.shape)}")
+                f"audio must be [B, 1, L] or [B, L], got {tuple(audio.shape)}"
+            )
         if audio.shape[-1] < self.hop_length:
-            raise ValueError(f"audio shorter than one hop "
-                             f"({self.hop_length} samples)")
+            raise ValueError(f"audio shorter than one hop ({self.hop_length} samples)")
         audio = audio.float().to(self._device())
         # the STFT front end runs in fp32 whatever the weights' dtype
         mels = self.spec_transform(audio).to(self._dtype())
         if audio_lengths is None:
-            audio_lengths = torch.full((audio.shape[0], ), audio.shape[-1])
-        n_mel = torch.as_tensor(audio_lengths,
-                                device=mels.device) // self.hop_length
-        mask = (torch.arange(mels.shape[-1], device=mels.device)[None]
-                < n_mel[:, None]).to(mels.dtype)[:, None]
+            audio_lengths = torch.full((audio.shape[0],), audio.shape[-1])
+        n_mel = torch.as_tensor(audio_lengths, device=mels.device) // self.hop_length
+        mask = (
+            torch.arange(mels.shape[-1], device=mels.device)[None] < n_mel[:, None]
+        ).to(mels.dtype)[:, None]
         mels = mels * mask
         return self.quantizer.encode(self.backbone(mels) * mask)
 
@@ -1407,27 +1446,29 @@ class FireflyGANVQ(nn.Module):
 
     def load_codec_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
         """Strict release-format load (see :func:`_load_strict`)."""
-        _load_strict(self,
-                     _strip_state_dict(sd),
-                     skip_prefixes=() if self.backbone is not None else
-                     ("backbone.", ))
+        _load_strict(
+            self,
+            _strip_state_dict(sd),
+            skip_prefixes=() if self.backbone is not None else ("backbone.",),
+        )
 
     @classmethod
-    def from_pretrained(cls,
-                        path: str | os.PathLike,
-                        config: FireflyConfig | None = None,
-                        with_encoder: bool = True,
-                        device: torch.device | str = "cpu",
-                        **config_overrides: Any) -> FireflyGANVQ:
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        config: FireflyConfig | None = None,
+        with_encoder: bool = True,
+        device: torch.device | str = "cpu",
+        **config_overrides: Any,
+    ) -> FireflyGANVQ:
         """Load ``firefly-gan-vq-fsq-8x1024-21hz-generator.pth`` (or a
         directory holding it)."""
         path = os.fspath(path)
         if os.path.isdir(path):
-            path = os.path.join(path,
-                                "firefly-gan-vq-fsq-8x1024-21hz-generator.pth")
+            path = os.path.join(path, "firefly-gan-vq-fsq-8x1024-21hz-generator.pth")
         sd = _strip_state_dict(
-            torch.load(path, map_location="cpu", mmap=True,
-                       weights_only=True))
+            torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        )
         if config is None:
             config = FireflyConfig.from_state_dict(sd, **config_overrides)
         model = cls(config, with_encoder=with_encoder)
@@ -1460,15 +1501,15 @@ class CodecStreamingDecoder:
         codes = codec.check_codes(codes).to(codec._device())
         self.frames += codes.shape[-1]
         if isinstance(codec, FishDAC):
-            return codec.decoder(codec.quantizer.decode(codes, self.state),
-                                 self.state)
-        return codec.head(codec.quantizer.decode(codes, self.state),
-                          self.state)
+            return codec.decoder(codec.quantizer.decode(codes, self.state), self.state)
+        return codec.head(codec.quantizer.decode(codes, self.state), self.state)
 
 
-def _load_strict(model: nn.Module,
-                 sd: Mapping[str, torch.Tensor],
-                 skip_prefixes: tuple[str, ...] = ()) -> None:
+def _load_strict(
+    model: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    skip_prefixes: tuple[str, ...] = (),
+) -> None:
     """Load release-format weights; any missing, unexpected or mis-shaped
     tensor is an error (S1's mask / rope buffers are skipped)."""
     own = model.state_dict()
@@ -1480,8 +1521,9 @@ def _load_strict(model: nn.Module,
         if k not in own:
             unexpected.append(k)
         elif tuple(own[k].shape) != tuple(v.shape):
-            mismatched.append(f"{k}: file {tuple(v.shape)} vs model "
-                              f"{tuple(own[k].shape)}")
+            mismatched.append(
+                f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            )
         else:
             wanted[k] = v
     bad_names = {m.split(":")[0] for m in mismatched}
@@ -1490,15 +1532,15 @@ def _load_strict(model: nn.Module,
     if missing:
         problems.append(f"{len(missing)} missing (e.g. {missing[:5]})")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected "
-                        f"(e.g. {sorted(unexpected)[:5]})")
+        problems.append(f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:5]})")
     if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches "
-                        f"(e.g. {mismatched[:5]})")
+        problems.append(f"{len(mismatched)} shape mismatches (e.g. {mismatched[:5]})")
     if problems:
-        raise ValueError(f"codec weights do not fit the "
-                         f"{type(model).__name__} built from "
-                         f"{model.config}: " + "; ".join(problems))
+        raise ValueError(
+            f"codec weights do not fit the "
+            f"{type(model).__name__} built from "
+            f"{model.config}: " + "; ".join(problems)
+        )
     model.load_state_dict(wanted, strict=True)
     logger.debug("Loaded %s: %d tensors", type(model).__name__, len(wanted))
 
