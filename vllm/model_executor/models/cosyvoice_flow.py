@@ -149,10 +149,8 @@ def _chunk_mask(valid: torch.Tensor, chunk: int) -> torch.Tensor:
         pos = torch.arange(t, device=valid.device)
         limit = (pos // chunk + 1) * chunk
         m = valid & (pos[None, :] < limit[:, None])[None]
-    empty = ~m.any(dim=-1, keepdim=True)
-    if bool(empty.any()):
-        m = m | empty
-    return m
+    # (no host sync: OR-ing in the empty rows is a no-op when there are none)
+    return m | ~m.any(dim=-1, keepdim=True)
 
 
 # ----------------------------------------------------------------- encoder --
@@ -544,8 +542,12 @@ class CausalConditionalDecoder(nn.Module):
         return (1.0 - m.to(dtype)) * -1.0e10
 
     def _transformers(self, blocks: nn.ModuleList, x: torch.Tensor,
-                      mask: torch.Tensor, streaming: bool) -> torch.Tensor:
-        bias = self._bias(mask, streaming, x.dtype)
+                      mask: torch.Tensor, streaming: bool,
+                      biases: dict[int, torch.Tensor]) -> torch.Tensor:
+        t = mask.shape[-1]
+        if t not in biases:  # one bias per resolution per call
+            biases[t] = self._bias(mask, streaming, x.dtype)
+        bias = biases[t]
         x = x.transpose(1, 2)
         for blk in blocks:
             x = blk(x, bias)
@@ -565,10 +567,11 @@ class CausalConditionalDecoder(nn.Module):
         ], dim=1)
         hiddens = []
         masks = [mask]
+        biases: dict[int, torch.Tensor] = {}
         for resnet, blocks, down in self.down_blocks:
             m = masks[-1]
             x = resnet(x, m, temb)
-            x = self._transformers(blocks, x, m, streaming)
+            x = self._transformers(blocks, x, m, streaming, biases)
             hiddens.append(x)
             x = down(x * m)
             masks.append(m[:, :, ::2])
@@ -576,13 +579,13 @@ class CausalConditionalDecoder(nn.Module):
         m = masks[-1]
         for resnet, blocks in self.mid_blocks:
             x = resnet(x, m, temb)
-            x = self._transformers(blocks, x, m, streaming)
+            x = self._transformers(blocks, x, m, streaming, biases)
         for resnet, blocks, upsample in self.up_blocks:
             m = masks.pop()
             skip = hiddens.pop()
             x = torch.cat([x[:, :, :skip.shape[-1]], skip], dim=1)
             x = resnet(x, m, temb)
-            x = self._transformers(blocks, x, m, streaming)
+            x = self._transformers(blocks, x, m, streaming, biases)
             x = upsample(x * m)
         x = self.final_block(x, m)
         return self.final_proj(x * m) * mask
