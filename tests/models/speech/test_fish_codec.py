@@ -384,17 +384,19 @@ def test_firefly_config_from_file(firefly):
     assert codec.num_codebooks == 8 and codec.codebook_size == 1000
 
 
-def test_firefly_default_config_param_count():
-    """Default sizes: about 46.5M parameters (the 189 MB release file)."""
+def test_firefly_default_config_matches_release_layout(firefly):
+    """FireflyGANVQ() at default sizes has exactly the tensors (names and
+    shapes) of the original codec built from firefly_gan_vq.yaml at v1.5.1
+    (recorded in the fixture), and those shapes read back as the defaults."""
+    fx, _ = firefly
+    release = {k: tuple(v) for k, v in fx["release_shapes"].items()}
     codec = FireflyGANVQ()
-    n = sum(p.numel() for p in codec.parameters())
-    assert 46e6 < n < 47.5e6, n
-    keys = codec.state_dict().keys()
-    assert "head.ups.0.conv.parametrizations.weight.original0" in keys
-    assert "quantizer.residual_fsq.rvqs.7.project_out.weight" in keys
-    assert codec.state_dict()[
-        "head.ups.0.conv.parametrizations.weight.original1"
-    ].shape == (512, 256, 16)
+    ours = {k: tuple(v.shape) for k, v in codec.state_dict().items()}
+    assert ours == release
+    n_params = sum(p.numel() for p in codec.parameters())
+    assert 46e6 < n_params < 47.5e6  # the 189 MB fp32 release file
+    meta = {k: torch.empty(v, device="meta") for k, v in release.items()}
+    assert FireflyConfig.from_state_dict(meta) == FireflyConfig()
 
 
 def test_firefly_decode_parity(firefly):
