@@ -320,6 +320,10 @@ class UpsampleConformerEncoder(nn.Module):
         if context is not None and context.shape[1] > 0:
             context = self.embed.out(context) * self.embed.xscale
         mask = _chunk_mask(valid, chunk)
+        # Zero padded frames so that, in a padded batch, the look-ahead conv
+        # of a shorter item sees zeros past its end exactly as when it runs
+        # alone (a no-op without padding).
+        xs = xs * valid.transpose(1, 2).to(xs.dtype)
         xs = self.pre_lookahead_layer(xs, context)
         for layer in self.encoders:
             xs = layer(xs, mask, pos)
@@ -739,6 +743,60 @@ class CausalMaskedDiffWithXvec(nn.Module):
         return feat[:, :, mel_len1:]
 
     inference = forward
+
+    @torch.inference_mode()
+    def forward_batch(self,
+                      tokens: Sequence[torch.Tensor],
+                      prompt_tokens: Sequence[torch.Tensor],
+                      prompt_feats: Sequence[torch.Tensor],
+                      embeddings: torch.Tensor) -> list[torch.Tensor]:
+        """Offline (``finalize=True``, non-streaming) flow for several
+        utterances at once, padded to the longest.
+
+        tokens[i] [N_i], prompt_tokens[i] [P_i], prompt_feats[i] [2 P_i, 80],
+        embeddings [B, 192]. Returns mel [80, 2 N_i] per item, equal (up to
+        float rounding) to running :meth:`forward` on each item alone: every
+        op either masks padded frames or only looks left of them, and the
+        fixed noise of frame t does not depend on the length.
+        """
+        b = len(tokens)
+        if not (len(prompt_tokens) == len(prompt_feats) == b ==
+                embeddings.shape[0]):
+            raise ValueError("flow.forward_batch: inconsistent batch sizes")
+        dev = self.input_embedding.weight.device
+        seqs = [
+            torch.cat([p.reshape(-1), t.reshape(-1)]).to(dev).long()
+            for p, t in zip(prompt_tokens, tokens)
+        ]
+        lens = torch.tensor([len(x) for x in seqs], device=dev)
+        tok = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+        valid = _pad_mask(lens, tok.shape[1]).transpose(1, 2)  # [B, L, 1]
+        x = self.input_embedding(tok.clamp(min=0)) * valid
+        h = self.encoder(x, lens, streaming=False)
+        h = self.encoder_proj(h)
+        ratio = h.shape[1] // tok.shape[1]
+        conds = torch.zeros(b, h.shape[1], self.output_size, device=dev,
+                            dtype=h.dtype)
+        starts = []
+        for i, pf in enumerate(prompt_feats):
+            pf = pf.reshape(-1, self.output_size).to(dev)
+            if pf.shape[0] > ratio * len(seqs[i]):
+                raise ValueError(f"flow: prompt mel of item {i} is longer "
+                                 "than its encoded tokens")
+            conds[i, :pf.shape[0]] = pf
+            starts.append(pf.shape[0])
+        mask = _pad_mask(lens * ratio, h.shape[1]).to(h.dtype)
+        spk = self.spk_embed_affine_layer(
+            F.normalize(embeddings.to(dev).float(), dim=1))
+        feat = self.decoder(mu=h.transpose(1, 2).contiguous(),
+                            mask=mask,
+                            spks=spk,
+                            cond=conds.transpose(1, 2),
+                            n_timesteps=self.config.n_timesteps,
+                            streaming=False)
+        return [
+            feat[i, :, starts[i]:ratio * len(seqs[i])] for i in range(b)
+        ]
 
 
 def load_flow(state_dict: Mapping[str, torch.Tensor],

@@ -267,6 +267,26 @@ class CosyVoice2Token2Wav(nn.Module):
                                    generator=generator)
         return speech
 
+    @torch.inference_mode()
+    def synthesize_batch(
+            self,
+            tokens: list[torch.Tensor],
+            prompt_tokens: list[torch.Tensor],
+            prompt_feats: list[torch.Tensor],
+            embeddings: torch.Tensor,
+            generators: list[torch.Generator | None] | None = None
+    ) -> list[torch.Tensor]:
+        """Offline for several utterances: one batched flow pass, then the
+        vocoder per utterance (HiFT is not causal, so it is not padded).
+        Each result equals :meth:`synthesize` on that utterance."""
+        mels = self.flow.forward_batch(tokens, prompt_tokens, prompt_feats,
+                                       embeddings)
+        gens = generators or [None] * len(mels)
+        return [
+            self.hift(mel[None], generator=g)[0]
+            for mel, g in zip(mels, gens)
+        ]
+
     def stream(self,
                prompt_token: torch.Tensor,
                prompt_feat: torch.Tensor,
