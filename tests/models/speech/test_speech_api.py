@@ -304,15 +304,17 @@ def test_engine_survives_bad_requests_and_metrics(server):
     assert "vllm:speech_real_time_factor_bucket" in text
 
 
-def test_tone_decoder_chunked_equals_one_shot():
-    """The property the server's streaming relies on, checked directly."""
+def test_left_context_stream_equals_one_shot():
+    """The streaming session the tone decoder uses, checked directly."""
     dec = ToneDecoder(device=None)
     ids = np.random.default_rng(0).integers(0, 500, size=(37, 1))
     full = dec.decode([ids])[0]
-    parts, sent = [], 0
+    session, parts, sent = dec.open_stream(), [], 0
     for end in (5, 6, 20, 37):
-        start = max(0, sent - dec.stream_left_context)
-        audio = dec.decode([ids[start:end]])[0]
-        parts.append(audio[(sent - start) * SAMPLES_PER_FRAME:])
+        parts.append(session.decode(ids[sent:end]))
         sent = end
     np.testing.assert_allclose(np.concatenate(parts), full, atol=1e-6)
+    # without the left context, the joins would differ
+    naive = np.concatenate([dec.decode([ids[a:b]])[0]
+                            for a, b in ((0, 5), (5, 6), (6, 20), (20, 37))])
+    assert np.abs(naive - full).max() > 1e-2

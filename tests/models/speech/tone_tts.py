@@ -64,6 +64,11 @@ class ToneDecoder:
             out.append(audio.astype(np.float32))
         return out
 
+    def open_stream(self):
+        from vllm.entrypoints.text_to_speech.serving import LeftContextStream
+
+        return LeftContextStream(self)
+
     def encode_reference(self, audio: np.ndarray, sample_rate: int,
                          ref_text: str) -> VoicePrompt:
         assert sample_rate == SAMPLE_RATE

@@ -6,9 +6,9 @@ models.
 Generation runs in the engine like any completion. The model's decoder
 (codec / vocoder) runs here, in the API server process, on one worker thread
 that batches the decode calls of concurrent requests, so audio decoding never
-blocks the event loop or the engine. Streaming decodes the frames generated so
-far chunk by chunk, with ``stream_left_context`` frames of left context, so
-the chunks join seamlessly.
+blocks the event loop or the engine. Streaming feeds the newly generated
+frames to a per-request decoder session (``SpeechDecoder.open_stream``) that
+carries the decoder's causal state, so the chunks join seamlessly.
 """
 
 import asyncio
@@ -162,6 +162,26 @@ class DecodeWorker:
             logger.exception("speech decoder failed")
             for _, _, fut, loop in batch:
                 self._resolve(fut, loop, exc=e)
+
+
+class LeftContextStream:
+    """A streaming session for decoders that are causal with a bounded
+    receptive field: each chunk is decoded together with the decoder's
+    ``stream_left_context`` previous frames, whose audio is dropped."""
+
+    def __init__(self, decoder: Any, left_context: int | None = None):
+        self.decoder = decoder
+        self.context = decoder.stream_left_context if left_context is None \
+            else left_context
+        self.history: np.ndarray | None = None
+
+    def decode(self, frames: np.ndarray) -> np.ndarray:
+        ctx = self.history[-self.context:] if (
+            self.history is not None and self.context > 0) else frames[:0]
+        audio = self.decoder.decode([np.concatenate([ctx, frames])])[0]
+        self.history = frames if self.history is None else \
+            np.concatenate([self.history, frames])[-max(self.context, 1):]
+        return audio[len(ctx) * self.decoder.samples_per_frame:]
 
 
 @dataclass
@@ -378,12 +398,11 @@ class OpenAIServingSpeech(GenerateBaseServing):
 
     async def _stream(self, p: _Prepared, stream_format: str) -> AsyncGenerator[bytes, None]:
         sr = self.tts_config.sample_rate
-        spf = self.decoder.samples_per_frame
-        ctx = self.decoder.stream_left_context
         t0 = time.monotonic()
         first_audio_s: float | None = None
         sent_frames = 0
         total_samples = 0
+        session = await self.worker.call(self.decoder.open_stream)
 
         def emit(audio: np.ndarray) -> bytes:
             if stream_format == "sse":
@@ -392,10 +411,10 @@ class OpenAIServingSpeech(GenerateBaseServing):
                 return f"data: {json.dumps(event)}\n\n".encode()
             return pcm16(audio)
 
-        async def decode_upto(frames: np.ndarray, end: int) -> np.ndarray:
-            start = max(0, sent_frames - ctx)
-            audio = await self.worker.decode(frames[start:end])
-            return audio[(sent_frames - start) * spf:]
+        async def decode_new(frames: np.ndarray) -> np.ndarray:
+            new = frames[sent_frames:]
+            audio = await self.worker.call(lambda: session.decode(new))
+            return change_tempo(np.asarray(audio, np.float32), p.speed, sr)
 
         try:
             if stream_format == "audio" and p.fmt == "wav":
@@ -406,15 +425,14 @@ class OpenAIServingSpeech(GenerateBaseServing):
                 target = STREAM_FIRST_CHUNK_FRAMES if sent_frames == 0 \
                     else STREAM_CHUNK_FRAMES
                 if len(frames) - sent_frames >= target and not out.finished:
-                    audio = change_tempo(await decode_upto(frames, len(frames)),
-                                         p.speed, sr)
+                    audio = await decode_new(frames)
                     sent_frames = len(frames)
                     if first_audio_s is None:
                         first_audio_s = time.monotonic() - t0
                     total_samples += audio.size
                     yield emit(audio)
             if frames is not None and len(frames) > sent_frames:
-                audio = change_tempo(await decode_upto(frames, len(frames)), p.speed, sr)
+                audio = await decode_new(frames)
                 sent_frames = len(frames)
                 if first_audio_s is None:
                     first_audio_s = time.monotonic() - t0
@@ -423,9 +441,10 @@ class OpenAIServingSpeech(GenerateBaseServing):
             elapsed = time.monotonic() - t0
             metrics.observe_request(first_audio_s or elapsed, elapsed, total_samples / sr)
             if stream_format == "sse":
+                prompt_ids = p.engine_input.get("prompt_token_ids", []) \
+                    if isinstance(p.engine_input, dict) else []
                 done = {"type": "speech.audio.done",
-                        "usage": {"input_tokens": len(p.engine_input.get("prompt_token_ids", []))
-                                  if isinstance(p.engine_input, dict) else 0,
+                        "usage": {"input_tokens": len(prompt_ids),
                                   "output_tokens": sent_frames,
                                   "audio_seconds": round(total_samples / sr, 3)}}
                 yield f"data: {json.dumps(done)}\n\n".encode()
