@@ -15,6 +15,7 @@ is a golden fixture produced once from fish-speech v1.5.1 by
 import functools
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -483,3 +484,31 @@ def test_bf16_weights_run(dac_files, firefly):
         streamed = codec.streaming_decoder().decode(codes)
         assert _rel_err(streamed.float(), ref) < 0.1
         assert codec.encode(audio).shape == (1, codec.num_codebooks, 5)
+
+
+# ------------------------------------------------- the speech-API decoder
+def test_speech_decoder_adapter(dac_files):
+    """FishCodecSpeechDecoder: batched decode of unequal lengths equals the
+    per-request decode, its stream equals the one-shot decode, and reference
+    audio is encoded to [K, T] codes."""
+    from vllm.model_executor.models.fish_speech_codec import FishCodecSpeechDecoder
+
+    _, path = dac_files
+    dec = FishCodecSpeechDecoder(_load(path))
+    assert dec.sample_rate == 44100 and dec.samples_per_frame == 2048
+    frames = [_random_codes(1, t, seed=t)[0].T.numpy() for t in (7, 12, 3)]
+    batched = dec.decode(frames)
+    for f, audio in zip(frames, batched):
+        alone = dec.decode([f])[0]
+        assert audio.shape == (len(f) * 2048,)
+        np.testing.assert_allclose(audio, alone, atol=1e-5)
+    session = dec.open_stream()
+    streamed = np.concatenate([session.decode(frames[1][a:b])
+                               for a, b in ((0, 2), (2, 3), (3, 9), (9, 12))])
+    np.testing.assert_allclose(streamed, batched[1], atol=1e-4)
+    voice = dec.encode_reference(_test_audio(1, 3 * 2048)[0, 0].numpy(), 44100, "hi")
+    assert voice.codes.shape == (10, 3) and voice.ref_text == "hi"
+    with pytest.raises(ValueError, match="44100"):
+        dec.encode_reference(np.zeros(100, np.float32), 16000, "hi")
+    with pytest.raises(ValueError, match=r"\[T, 10\]"):
+        dec.decode([frames[0][:, :3]])

@@ -44,6 +44,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -1545,7 +1546,70 @@ def _load_strict(
     logger.debug("Loaded %s: %d tensors", type(model).__name__, len(wanted))
 
 
+class FishCodecSpeechDecoder:
+    """``SpeechDecoder`` of the Fish Speech models for the speech API.
+
+    Frames are ``[T, K]`` integer arrays (codebook 0 = the semantic code,
+    then the residual codes), as the model's ``get_speech_frames`` returns
+    them. A batch of requests is decoded in one call, padded to the longest
+    (the codecs are causal: padding at the end does not change earlier
+    samples).
+    """
+
+    def __init__(self, codec: FishDAC | FireflyGANVQ) -> None:
+        self.codec = codec
+        self.sample_rate = codec.sample_rate
+        self.samples_per_frame = codec.frame_length
+        self.num_codebooks = codec.num_codebooks
+
+    def _codes(self, frames: np.ndarray) -> torch.Tensor:
+        frames = np.asarray(frames)
+        if frames.ndim != 2 or frames.shape[1] != self.num_codebooks:
+            raise ValueError(
+                f"frames must be [T, {self.num_codebooks}], got {frames.shape}")
+        return torch.from_numpy(np.ascontiguousarray(frames.T)).long()
+
+    @torch.inference_mode()
+    def decode(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        codes = [self._codes(f) for f in frames]
+        lengths = [c.shape[1] for c in codes]
+        batch = torch.zeros(len(codes), self.num_codebooks, max(lengths),
+                            dtype=torch.long)
+        for i, c in enumerate(codes):
+            batch[i, :, : c.shape[1]] = c
+        audio = self.codec.decode(batch)[:, 0].float().cpu().numpy()
+        return [audio[i, : n * self.samples_per_frame] for i, n in enumerate(lengths)]
+
+    def open_stream(self) -> "_FishCodecStream":
+        return _FishCodecStream(self)
+
+    @torch.inference_mode()
+    def encode_reference(self, audio: np.ndarray, sample_rate: int,
+                         ref_text: str):
+        from vllm.config.text_to_speech import VoicePrompt
+
+        if sample_rate != self.sample_rate:
+            raise ValueError(
+                f"reference audio must be {self.sample_rate} Hz, got {sample_rate}")
+        wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None]
+        codes = self.codec.encode(wav)[0].cpu().numpy().astype(np.int64)
+        return VoicePrompt(ref_text=ref_text, codes=codes)  # [K, T]
+
+
+class _FishCodecStream:
+    def __init__(self, decoder: FishCodecSpeechDecoder) -> None:
+        self.decoder = decoder
+        self.stream = decoder.codec.streaming_decoder()
+
+    def decode(self, frames: np.ndarray) -> np.ndarray:
+        if len(frames) == 0:
+            return np.zeros(0, np.float32)
+        audio = self.stream.decode(self.decoder._codes(frames)[None])
+        return audio[0, 0].float().cpu().numpy()
+
+
 __all__ = [
+    "FishCodecSpeechDecoder",
     "FireflyConfig",
     "CodecStreamingDecoder",
     "FireflyGANVQ",
