@@ -37,7 +37,7 @@ def main() -> None:
     with torch.no_grad():
         for p in list(flow.parameters()) + list(hift.parameters()):
             if p.dim() > 1:
-                p.normal_(0.0, 1.0 / p[0].numel()**0.5)
+                p.normal_(0.0, 1.0 / p[0].numel() ** 0.5)
     hift.fold_weight_norm()
     model = CosyVoice2Token2Wav(flow.eval(), hift.eval()).to(dev).eval()
 
@@ -46,9 +46,12 @@ def main() -> None:
     prompt_token = torch.randint(0, 6561, (1, p), generator=g)
     prompt_feat = torch.randn(1, 2 * p, 80, generator=g).to(dev)
     emb = torch.randn(1, 192, generator=g).to(dev)
-    results: dict = {"device": str(torch.cuda.get_device_name(dev))
-                     if dev.type == "cuda" else "cpu",
-                     "prompt_tokens": p, "offline": [], "stream": {}}
+    results: dict = {
+        "device": str(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else "cpu",
+        "prompt_tokens": p,
+        "offline": [],
+        "stream": {},
+    }
 
     # warm-up
     tok = torch.randint(0, 6561, (1, 50), generator=g)
@@ -67,8 +70,9 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         audio_s = wav.shape[1] / model.sample_rate
         best = min(times)
-        results["offline"].append({"audio_s": audio_s, "wall_s": best,
-                                   "rtf": best / audio_s})
+        results["offline"].append(
+            {"audio_s": audio_s, "wall_s": best, "rtf": best / audio_s}
+        )
 
     # streaming: all tokens known, chunk latencies as the original's loop
     n = 250
@@ -85,7 +89,7 @@ def main() -> None:
     while pos < n:
         step = min(model.token_hop_len, n - pos)
         t0 = time.perf_counter()
-        out = sess.push(tok[pos:pos + step])
+        out = sess.push(tok[pos : pos + step])
         _sync(dev)
         if out:
             lat.append(time.perf_counter() - t0)
@@ -95,9 +99,12 @@ def main() -> None:
     chunks += sess.finish()
     _sync(dev)
     lat.append(time.perf_counter() - t0)
-    results["stream"] = {"tokens": n, "chunks": len(chunks),
-                         "first_chunk_s": lat[0],
-                         "chunk_latencies_s": lat}
+    results["stream"] = {
+        "tokens": n,
+        "chunks": len(chunks),
+        "first_chunk_s": lat[0],
+        "chunk_latencies_s": lat,
+    }
     print(json.dumps(results, indent=1))
 
 

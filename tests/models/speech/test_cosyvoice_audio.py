@@ -24,6 +24,7 @@ def _install_matcha_logger_shim() -> None:
     if "matcha.utils.pylogger" in sys.modules:
         return
     import matcha  # noqa: F401  (the real package from cosyvoice-minicpmo)
+
     utils = types.ModuleType("matcha.utils")
     utils.__path__ = []  # type: ignore[attr-defined]
     pylogger = types.ModuleType("matcha.utils.pylogger")
@@ -34,13 +35,14 @@ def _install_matcha_logger_shim() -> None:
 
 _install_matcha_logger_shim()
 
-from cosyvoice.hifigan.f0_predictor import (  # noqa: E402
-    ConvRNNF0Predictor as RefF0Predictor)
-from cosyvoice.hifigan.generator import (  # noqa: E402
-    HiFTGenerator as RefHiFT)
+from cosyvoice.hifigan.f0_predictor import ConvRNNF0Predictor as RefF0Predictor  # noqa: E402
+from cosyvoice.hifigan.generator import HiFTGenerator as RefHiFT  # noqa: E402
 
 from vllm.model_executor.models.cosyvoice_hift import (  # noqa: E402
-    HiFTConfig, HiFTGenerator, load_hift)
+    HiFTConfig,
+    HiFTGenerator,
+    load_hift,
+)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,30 +52,36 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------- HiFT ----
 HIFT_KW = dict(
-    in_channels=80, base_channels=32, nb_harmonics=8, sampling_rate=24000,
-    nsf_alpha=0.1, nsf_sigma=0.003, nsf_voiced_threshold=10,
-    upsample_rates=[8, 5, 3], upsample_kernel_sizes=[16, 11, 7],
+    in_channels=80,
+    base_channels=32,
+    nb_harmonics=8,
+    sampling_rate=24000,
+    nsf_alpha=0.1,
+    nsf_sigma=0.003,
+    nsf_voiced_threshold=10,
+    upsample_rates=[8, 5, 3],
+    upsample_kernel_sizes=[16, 11, 7],
     istft_params={"n_fft": 16, "hop_len": 4},
     resblock_kernel_sizes=[3, 7, 11],
     resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
     source_resblock_kernel_sizes=[7, 7, 11],
     source_resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
-    lrelu_slope=0.1, audio_limit=0.99)
+    lrelu_slope=0.1,
+    audio_limit=0.99,
+)
 F0_COND = 16
 
 
 def _hift_config() -> HiFTConfig:
     d = dict(HIFT_KW)
-    d["f0_predictor"] = {"num_class": 1, "in_channels": 80,
-                         "cond_channels": F0_COND}
+    d["f0_predictor"] = {"num_class": 1, "in_channels": 80, "cond_channels": F0_COND}
     return HiFTConfig.from_dict(d)
 
 
 @pytest.fixture(scope="module")
 def ref_hift() -> RefHiFT:
     torch.manual_seed(0)
-    ref = RefHiFT(**HIFT_KW,
-                  f0_predictor=RefF0Predictor(1, 80, F0_COND)).eval()
+    ref = RefHiFT(**HIFT_KW, f0_predictor=RefF0Predictor(1, 80, F0_COND)).eval()
     with torch.no_grad():
         # The original init (N(0, 0.01) convs) gives f0 ~ 0, i.e. an all
         # unvoiced excitation; spread the weights and put f0 around a few
@@ -82,7 +90,7 @@ def ref_hift() -> RefHiFT:
             if "alpha" in name:
                 p.uniform_(0.5, 1.5)
             elif p.dim() > 1:
-                p.normal_(0.0, 0.5 / max(1, p[0].numel())**0.5)
+                p.normal_(0.0, 0.5 / max(1, p[0].numel()) ** 0.5)
         ref.f0_predictor.classifier.weight.normal_(0.0, 150.0)
         ref.f0_predictor.classifier.bias.fill_(15.0)
     return ref
@@ -97,8 +105,9 @@ def _mel(b: int, t: int, seed: int) -> torch.Tensor:
 def test_hift_parity(ref_hift, tmp_path, fold):
     path = tmp_path / "hift.pt"
     torch.save(ref_hift.state_dict(), path)
-    ours = load_hift(torch.load(path, weights_only=True), _hift_config(),
-                     fold_weight_norm=fold)
+    ours = load_hift(
+        torch.load(path, weights_only=True), _hift_config(), fold_weight_norm=fold
+    )
     mel = _mel(2, 12, 1)
     f0 = ref_hift.f0_predictor(mel)
     voiced = (f0 > 10).float().mean().item()
@@ -132,8 +141,7 @@ def test_hift_explicit_noise_and_cache_source(ref_hift):
     cache = torch.randn(1, 1, 3840, generator=g) * 0.1
     torch.manual_seed(5)
     ref_wav, ref_src = ref_hift.inference(speech_feat=mel, cache_source=cache)
-    wav, src = ours(mel, cache_source=cache,
-                    generator=torch.Generator().manual_seed(5))
+    wav, src = ours(mel, cache_source=cache, generator=torch.Generator().manual_seed(5))
     assert torch.equal(src[:, :, :3840], cache)
     assert rel_err(wav, ref_wav) < 1e-3
 
@@ -142,19 +150,22 @@ def test_hift_release_key_variants(ref_hift):
     sd = ref_hift.state_dict()
     mel = _mel(1, 6, 3)
     want, _ = load_hift(sd, _hift_config())(
-        mel, generator=torch.Generator().manual_seed(0))
+        mel, generator=torch.Generator().manual_seed(0)
+    )
     # ``generator.`` prefix (as saved from the GAN wrapper)
     pref = {"generator." + k: v for k, v in sd.items()}
     # legacy torch.nn.utils.weight_norm names
     legacy = {
         k.replace("parametrizations.weight.original0", "weight_g").replace(
-            "parametrizations.weight.original1", "weight_v"): v
+            "parametrizations.weight.original1", "weight_v"
+        ): v
         for k, v in sd.items()
     }
     assert any(k.endswith("weight_g") for k in legacy)
     for variant in (pref, legacy):
         got, _ = load_hift(variant, _hift_config())(
-            mel, generator=torch.Generator().manual_seed(0))
+            mel, generator=torch.Generator().manual_seed(0)
+        )
         assert torch.allclose(got, want, atol=1e-6)
 
 
@@ -170,46 +181,74 @@ def test_hift_load_errors(ref_hift):
 
 
 # ---------------------------------------------------------------- flow ----
+from cosyvoice.flow.decoder import CausalConditionalDecoder as RefEstimator  # noqa: E402
+from cosyvoice.flow.flow import CausalMaskedDiffWithXvec as RefFlow  # noqa: E402
+from cosyvoice.flow.flow_matching import CausalConditionalCFM as RefCFM  # noqa: E402
+from cosyvoice.transformer.upsample_encoder import (  # noqa: E402
+    UpsampleConformerEncoder as RefEncoder,
+)
 from omegaconf import DictConfig  # noqa: E402
 
-from cosyvoice.flow.decoder import (  # noqa: E402
-    CausalConditionalDecoder as RefEstimator)
-from cosyvoice.flow.flow import (  # noqa: E402
-    CausalMaskedDiffWithXvec as RefFlow)
-from cosyvoice.flow.flow_matching import (  # noqa: E402
-    CausalConditionalCFM as RefCFM)
-from cosyvoice.transformer.upsample_encoder import (  # noqa: E402
-    UpsampleConformerEncoder as RefEncoder)
-
-from vllm.model_executor.models.cosyvoice_flow import (  # noqa: E402
-    CosyVoiceFlowConfig, load_flow)
+from vllm.model_executor.models.cosyvoice_flow import CosyVoiceFlowConfig, load_flow  # noqa: E402
 
 VOCAB = 100
 # cosyvoice2.yaml's flow section, shrunk where the original allows it (the
 # encoder width is hard-coded to 512 in the original, the mel width to 80).
 FLOW_YAML = {
-    "input_size": 512, "output_size": 80, "spk_embed_dim": 192,
-    "output_type": "mel", "vocab_size": VOCAB, "input_frame_rate": 25,
-    "only_mask_loss": True, "token_mel_ratio": 2, "pre_lookahead_len": 3,
+    "input_size": 512,
+    "output_size": 80,
+    "spk_embed_dim": 192,
+    "output_type": "mel",
+    "vocab_size": VOCAB,
+    "input_frame_rate": 25,
+    "only_mask_loss": True,
+    "token_mel_ratio": 2,
+    "pre_lookahead_len": 3,
     "encoder": {
-        "output_size": 512, "attention_heads": 8, "linear_units": 64,
-        "num_blocks": 2, "dropout_rate": 0.1, "positional_dropout_rate": 0.1,
-        "attention_dropout_rate": 0.1, "normalize_before": True,
-        "input_layer": "linear", "pos_enc_layer_type": "rel_pos_espnet",
-        "selfattention_layer_type": "rel_selfattn", "input_size": 512,
-        "use_cnn_module": False, "macaron_style": False,
-        "use_dynamic_chunk": True},
+        "output_size": 512,
+        "attention_heads": 8,
+        "linear_units": 64,
+        "num_blocks": 2,
+        "dropout_rate": 0.1,
+        "positional_dropout_rate": 0.1,
+        "attention_dropout_rate": 0.1,
+        "normalize_before": True,
+        "input_layer": "linear",
+        "pos_enc_layer_type": "rel_pos_espnet",
+        "selfattention_layer_type": "rel_selfattn",
+        "input_size": 512,
+        "use_cnn_module": False,
+        "macaron_style": False,
+        "use_dynamic_chunk": True,
+    },
     "decoder": {
-        "in_channels": 240, "n_spks": 1, "spk_emb_dim": 80,
-        "cfm_params": {"content": {
-            "sigma_min": 1e-06, "solver": "euler", "t_scheduler": "cosine",
-            "training_cfg_rate": 0.2, "inference_cfg_rate": 0.7,
-            "reg_loss_type": "l1"}},
+        "in_channels": 240,
+        "n_spks": 1,
+        "spk_emb_dim": 80,
+        "cfm_params": {
+            "content": {
+                "sigma_min": 1e-06,
+                "solver": "euler",
+                "t_scheduler": "cosine",
+                "training_cfg_rate": 0.2,
+                "inference_cfg_rate": 0.7,
+                "reg_loss_type": "l1",
+            }
+        },
         "estimator": {
-            "in_channels": 320, "out_channels": 80, "channels": [32],
-            "dropout": 0.0, "attention_head_dim": 8, "n_blocks": 1,
-            "num_mid_blocks": 2, "num_heads": 2, "act_fn": "gelu",
-            "static_chunk_size": 50, "num_decoding_left_chunks": 2}},
+            "in_channels": 320,
+            "out_channels": 80,
+            "channels": [32],
+            "dropout": 0.0,
+            "attention_head_dim": 8,
+            "n_blocks": 1,
+            "num_mid_blocks": 2,
+            "num_heads": 2,
+            "act_fn": "gelu",
+            "static_chunk_size": 50,
+            "num_decoding_left_chunks": 2,
+        },
+    },
 }
 
 
@@ -217,17 +256,20 @@ def _build_ref_flow(yaml: dict) -> RefFlow:
     enc_kw = dict(yaml["encoder"])
     dec = yaml["decoder"]
     est = RefEstimator(**dec["estimator"])
-    cfm = RefCFM(in_channels=dec["in_channels"], n_spks=dec["n_spks"],
-                 spk_emb_dim=dec["spk_emb_dim"],
-                 cfm_params=DictConfig(dec["cfm_params"]["content"]),
-                 estimator=est)
+    cfm = RefCFM(
+        in_channels=dec["in_channels"],
+        n_spks=dec["n_spks"],
+        spk_emb_dim=dec["spk_emb_dim"],
+        cfm_params=DictConfig(dec["cfm_params"]["content"]),
+        estimator=est,
+    )
     top = {k: v for k, v in yaml.items() if k not in ("encoder", "decoder")}
     flow = RefFlow(**top, encoder=RefEncoder(**enc_kw), decoder=cfm)
     torch.manual_seed(11)  # (RefCFM's constructor reseeds the global RNG)
     with torch.no_grad():
         for name, p in flow.named_parameters():
             if p.dim() > 1:
-                p.normal_(0.0, 1.0 / p[0].numel()**0.5)
+                p.normal_(0.0, 1.0 / p[0].numel() ** 0.5)
             elif "norm" in name and name.endswith("weight"):
                 p.uniform_(0.8, 1.2)
             else:
@@ -242,25 +284,30 @@ def ref_flow() -> RefFlow:
 
 def _flow_inputs(n_prompt: int, n_tok: int, seed: int):
     g = torch.Generator().manual_seed(seed)
-    prompt_token = torch.randint(0, VOCAB, (1, n_prompt), generator=g,
-                                 dtype=torch.int32)
-    token = torch.randint(0, VOCAB, (1, n_tok), generator=g,
-                          dtype=torch.int32)
+    prompt_token = torch.randint(
+        0, VOCAB, (1, n_prompt), generator=g, dtype=torch.int32
+    )
+    token = torch.randint(0, VOCAB, (1, n_tok), generator=g, dtype=torch.int32)
     prompt_feat = torch.randn(1, 2 * n_prompt, 80, generator=g)
     embedding = torch.randn(1, 192, generator=g)
     return token, prompt_token, prompt_feat, embedding
 
 
-def _ref_flow_call(ref, token, prompt_token, prompt_feat, embedding,
-                   streaming, finalize):
+def _ref_flow_call(
+    ref, token, prompt_token, prompt_feat, embedding, streaming, finalize
+):
     i32 = torch.int32
     mel, _ = ref.inference(
-        token=token, token_len=torch.tensor([token.shape[1]], dtype=i32),
+        token=token,
+        token_len=torch.tensor([token.shape[1]], dtype=i32),
         prompt_token=prompt_token,
         prompt_token_len=torch.tensor([prompt_token.shape[1]], dtype=i32),
         prompt_feat=prompt_feat,
         prompt_feat_len=torch.tensor([prompt_feat.shape[1]], dtype=i32),
-        embedding=embedding, streaming=streaming, finalize=finalize)
+        embedding=embedding,
+        streaming=streaming,
+        finalize=finalize,
+    )
     return mel
 
 
@@ -277,8 +324,9 @@ def test_flow_config_from_yaml():
 def test_flow_parity_offline(ref_flow, tmp_path, n_prompt, n_tok):
     path = tmp_path / "flow.pt"
     torch.save(ref_flow.state_dict(), path)
-    ours = load_flow(torch.load(path, weights_only=True),
-                     CosyVoiceFlowConfig.from_dict(FLOW_YAML))
+    ours = load_flow(
+        torch.load(path, weights_only=True), CosyVoiceFlowConfig.from_dict(FLOW_YAML)
+    )
     args = _flow_inputs(n_prompt, n_tok, seed=n_tok)
     want = _ref_flow_call(ref_flow, *args, streaming=False, finalize=True)
     got = ours(*args, streaming=False, finalize=True)
@@ -289,10 +337,14 @@ def test_flow_parity_offline(ref_flow, tmp_path, n_prompt, n_tok):
 
 def test_flow_parity_streaming_chunk(ref_flow):
     """One streaming (not finalized) flow call with chunk masks active."""
-    yaml = {**FLOW_YAML,
-            "encoder": {**FLOW_YAML["encoder"], "static_chunk_size": 4},
-            "decoder": {**FLOW_YAML["decoder"], "estimator": {
-                **FLOW_YAML["decoder"]["estimator"], "static_chunk_size": 6}}}
+    yaml = {
+        **FLOW_YAML,
+        "encoder": {**FLOW_YAML["encoder"], "static_chunk_size": 4},
+        "decoder": {
+            **FLOW_YAML["decoder"],
+            "estimator": {**FLOW_YAML["decoder"]["estimator"], "static_chunk_size": 6},
+        },
+    }
     ref = _build_ref_flow(yaml)
     ours = load_flow(ref.state_dict(), CosyVoiceFlowConfig.from_dict(yaml))
     args = _flow_inputs(5, 12, seed=3)
@@ -313,40 +365,56 @@ def test_flow_load_errors(ref_flow):
     with pytest.raises(ValueError, match="missing keys: encoder_proj.weight"):
         load_flow(sd, CosyVoiceFlowConfig.from_dict(FLOW_YAML))
     with pytest.raises(ValueError, match="shape mismatches"):
-        load_flow(ref_flow.state_dict(), CosyVoiceFlowConfig.from_dict(
-            {**FLOW_YAML, "vocab_size": VOCAB + 1}))
+        load_flow(
+            ref_flow.state_dict(),
+            CosyVoiceFlowConfig.from_dict({**FLOW_YAML, "vocab_size": VOCAB + 1}),
+        )
 
 
 # ----------------------------------------------------- token2wav (CV2) ----
 from cosyvoice.cli.model import CosyVoice2Model as RefCV2Model  # noqa: E402
 
 from vllm.model_executor.models.cosyvoice_token2wav import (  # noqa: E402
-    CosyVoice2Token2Wav, load_cosyvoice_yaml)
+    CosyVoice2Token2Wav,
+    load_cosyvoice_yaml,
+)
 
 STREAM_FLOW_YAML = {
     **FLOW_YAML,
-    "encoder": {**FLOW_YAML["encoder"], "static_chunk_size": 25}}
+    "encoder": {**FLOW_YAML["encoder"], "static_chunk_size": 25},
+}
 
 
 def _ref_cv2(ref_flow, ref_hift) -> RefCV2Model:
     return RefCV2Model(None, ref_flow, ref_hift, fp16=False)
 
 
-def _ref_tts(model: RefCV2Model, tokens, prompt_token, prompt_feat,
-             embedding, stream: bool, speed: float = 1.0):
+def _ref_tts(
+    model: RefCV2Model,
+    tokens,
+    prompt_token,
+    prompt_feat,
+    embedding,
+    stream: bool,
+    speed: float = 1.0,
+):
     """Drive the original CosyVoice2Model.tts with a finished token list in
     place of its LLM thread."""
 
-    def fake_llm_job(text, prompt_text, llm_prompt_speech_token,
-                     llm_embedding, uuid):
+    def fake_llm_job(text, prompt_text, llm_prompt_speech_token, llm_embedding, uuid):
         model.tts_speech_token_dict[uuid] = [int(t) for t in tokens[0]]
         model.llm_end_dict[uuid] = True
 
     model.llm_job = fake_llm_job
     return [
-        out["tts_speech"] for out in model.tts(
-            flow_embedding=embedding, flow_prompt_speech_token=prompt_token,
-            prompt_speech_feat=prompt_feat, stream=stream, speed=speed)
+        out["tts_speech"]
+        for out in model.tts(
+            flow_embedding=embedding,
+            flow_prompt_speech_token=prompt_token,
+            prompt_speech_feat=prompt_feat,
+            stream=stream,
+            speed=speed,
+        )
     ]
 
 
@@ -354,9 +422,11 @@ def _ref_tts(model: RefCV2Model, tokens, prompt_token, prompt_feat,
 def stream_models(ref_hift):
     ref_flow = _build_ref_flow(STREAM_FLOW_YAML)
     ours = CosyVoice2Token2Wav(
-        load_flow(ref_flow.state_dict(),
-                  CosyVoiceFlowConfig.from_dict(STREAM_FLOW_YAML)),
-        load_hift(ref_hift.state_dict(), _hift_config()))
+        load_flow(
+            ref_flow.state_dict(), CosyVoiceFlowConfig.from_dict(STREAM_FLOW_YAML)
+        ),
+        load_hift(ref_hift.state_dict(), _hift_config()),
+    )
     return _ref_cv2(ref_flow, ref_hift), ours
 
 
@@ -367,10 +437,13 @@ def test_token2wav_streaming_parity(stream_models):
     token, prompt_token, prompt_feat, embedding = _flow_inputs(10, 100, 21)
 
     torch.manual_seed(77)
-    want = _ref_tts(ref, token, prompt_token, prompt_feat, embedding,
-                    stream=True)
-    sess = ours.stream(prompt_token, prompt_feat, embedding,
-                       generator=torch.Generator().manual_seed(77))
+    want = _ref_tts(ref, token, prompt_token, prompt_feat, embedding, stream=True)
+    sess = ours.stream(
+        prompt_token,
+        prompt_feat,
+        embedding,
+        generator=torch.Generator().manual_seed(77),
+    )
     got = sess.push(token[0].tolist(), final=True)
     # 10 prompt tokens -> first hop 25 + 15 pad; hops at 40, 65, 90, final
     assert len(want) == 4
@@ -387,11 +460,12 @@ def test_token2wav_incremental_push(stream_models):
     _, ours = stream_models
     token, prompt_token, prompt_feat, embedding = _flow_inputs(0, 60, 5)
     toks = token[0].tolist()
-    sess = ours.stream(prompt_token, prompt_feat, embedding,
-                       generator=torch.Generator().manual_seed(1))
+    sess = ours.stream(
+        prompt_token, prompt_feat, embedding, generator=torch.Generator().manual_seed(1)
+    )
     chunks = []
     for i in range(0, 60, 7):
-        chunks += sess.push(toks[i:i + 7])
+        chunks += sess.push(toks[i : i + 7])
     n_stream = len(chunks)
     chunks += sess.finish()
     # no prompt: hops at 25 and 50 need 28 and 53 tokens; then the final
@@ -407,11 +481,17 @@ def test_token2wav_offline_parity(stream_models, speed):
     ref, ours = stream_models
     token, prompt_token, prompt_feat, embedding = _flow_inputs(8, 30, 4)
     torch.manual_seed(3)
-    (want, ) = _ref_tts(ref, token, prompt_token, prompt_feat, embedding,
-                        stream=False, speed=speed)
-    got = ours.synthesize(token, prompt_token, prompt_feat, embedding,
-                          speed=speed,
-                          generator=torch.Generator().manual_seed(3))
+    (want,) = _ref_tts(
+        ref, token, prompt_token, prompt_feat, embedding, stream=False, speed=speed
+    )
+    got = ours.synthesize(
+        token,
+        prompt_token,
+        prompt_feat,
+        embedding,
+        speed=speed,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert got.shape == want.shape
     assert rel_err(got, want) < 1e-3
 
@@ -521,8 +601,10 @@ def test_token2wav_from_release_dir(stream_models, ref_hift, tmp_path):
     ref, _ = stream_models
     (tmp_path / "cosyvoice2.yaml").write_text(_RELEASE_YAML)
     torch.save(ref.flow.state_dict(), tmp_path / "flow.pt")
-    torch.save({"generator." + k: v for k, v in ref_hift.state_dict().items()},
-               tmp_path / "hift.pt")
+    torch.save(
+        {"generator." + k: v for k, v in ref_hift.state_dict().items()},
+        tmp_path / "hift.pt",
+    )
     conf = load_cosyvoice_yaml(str(tmp_path / "cosyvoice2.yaml"))
     assert conf["sample_rate"] == 24000
     assert conf["flow"]["decoder"]["estimator"]["static_chunk_size"] == 50
@@ -534,27 +616,40 @@ def test_token2wav_from_release_dir(stream_models, ref_hift, tmp_path):
     assert model.hift.config.base_channels == 32
     token, prompt_token, prompt_feat, embedding = _flow_inputs(4, 20, 8)
     torch.manual_seed(9)
-    (want, ) = _ref_tts(ref, token, prompt_token, prompt_feat, embedding,
-                        stream=False)
-    got = model.synthesize(token, prompt_token, prompt_feat, embedding,
-                           generator=torch.Generator().manual_seed(9))
+    (want,) = _ref_tts(ref, token, prompt_token, prompt_feat, embedding, stream=False)
+    got = model.synthesize(
+        token,
+        prompt_token,
+        prompt_feat,
+        embedding,
+        generator=torch.Generator().manual_seed(9),
+    )
     assert rel_err(got, want) < 1e-3
 
     (tmp_path / "cosyvoice2.yaml").write_text(
-        _RELEASE_YAML.replace("base_channels: 32", "base_channels: 64"))
+        _RELEASE_YAML.replace("base_channels: 32", "base_channels: 64")
+    )
     with pytest.raises(ValueError, match="hift.pt: state dict does not"):
         CosyVoice2Token2Wav.from_pretrained(str(tmp_path))
 
 
 # ------------------------------------------------ release-size key sets ----
 RELEASE_FLOW_YAML = {
-    **FLOW_YAML, "vocab_size": 6561,
-    "encoder": {**FLOW_YAML["encoder"], "linear_units": 2048,
-                "num_blocks": 6},
-    "decoder": {**FLOW_YAML["decoder"], "estimator": {
-        **FLOW_YAML["decoder"]["estimator"], "channels": [256],
-        "attention_head_dim": 64, "n_blocks": 4, "num_mid_blocks": 12,
-        "num_heads": 8}}}
+    **FLOW_YAML,
+    "vocab_size": 6561,
+    "encoder": {**FLOW_YAML["encoder"], "linear_units": 2048, "num_blocks": 6},
+    "decoder": {
+        **FLOW_YAML["decoder"],
+        "estimator": {
+            **FLOW_YAML["decoder"]["estimator"],
+            "channels": [256],
+            "attention_head_dim": 64,
+            "n_blocks": 4,
+            "num_mid_blocks": 12,
+            "num_heads": 8,
+        },
+    },
+}
 
 
 def _shapes(module: torch.nn.Module) -> dict:
@@ -564,38 +659,57 @@ def _shapes(module: torch.nn.Module) -> dict:
 def test_release_dims_key_sets_match():
     """At cosyvoice2.yaml's real dims, our parameter names and shapes are
     exactly the original's (built on the meta device: no weights)."""
-    from vllm.model_executor.models.cosyvoice_flow import (
-        CausalMaskedDiffWithXvec)
+    from vllm.model_executor.models.cosyvoice_flow import CausalMaskedDiffWithXvec
+
     with torch.device("meta"):
         ref_flow = RefFlow(
-            **{k: v for k, v in RELEASE_FLOW_YAML.items()
-               if k not in ("encoder", "decoder")},
+            **{
+                k: v
+                for k, v in RELEASE_FLOW_YAML.items()
+                if k not in ("encoder", "decoder")
+            },
             encoder=RefEncoder(**RELEASE_FLOW_YAML["encoder"]),
             decoder=RefCFM(
-                in_channels=240, n_spks=1, spk_emb_dim=80,
-                cfm_params=DictConfig(
-                    FLOW_YAML["decoder"]["cfm_params"]["content"]),
-                estimator=RefEstimator(
-                    **RELEASE_FLOW_YAML["decoder"]["estimator"])))
+                in_channels=240,
+                n_spks=1,
+                spk_emb_dim=80,
+                cfm_params=DictConfig(FLOW_YAML["decoder"]["cfm_params"]["content"]),
+                estimator=RefEstimator(**RELEASE_FLOW_YAML["decoder"]["estimator"]),
+            ),
+        )
         ours_flow = CausalMaskedDiffWithXvec(
-            CosyVoiceFlowConfig.from_dict(RELEASE_FLOW_YAML))
-        ref_h = RefHiFT(**{**HIFT_KW, "base_channels": 512},
-                        f0_predictor=RefF0Predictor(1, 80, 512))
+            CosyVoiceFlowConfig.from_dict(RELEASE_FLOW_YAML)
+        )
+        ref_h = RefHiFT(
+            **{**HIFT_KW, "base_channels": 512}, f0_predictor=RefF0Predictor(1, 80, 512)
+        )
         ours_h = HiFTGenerator(HiFTConfig())
     assert _shapes(ours_flow) == _shapes(ref_flow)
     assert _shapes(ours_h) == _shapes(ref_h)
     assert CosyVoiceFlowConfig() == CosyVoiceFlowConfig.from_dict(
-        {**RELEASE_FLOW_YAML, "decoder": {
-            **RELEASE_FLOW_YAML["decoder"], "estimator": {
-                **RELEASE_FLOW_YAML["decoder"]["estimator"],
-                "static_chunk_size": 50}}})
+        {
+            **RELEASE_FLOW_YAML,
+            "decoder": {
+                **RELEASE_FLOW_YAML["decoder"],
+                "estimator": {
+                    **RELEASE_FLOW_YAML["decoder"]["estimator"],
+                    "static_chunk_size": 50,
+                },
+            },
+        }
+    )
 
 
 @pytest.mark.parametrize("n_prompt,n_tok", [(3, 8)])
 def test_flow_parity_two_level_unet(tmp_path, n_prompt, n_tok):
     """A UNet with two resolutions (strided down/up-sampling blocks)."""
-    yaml = {**FLOW_YAML, "decoder": {**FLOW_YAML["decoder"], "estimator": {
-        **FLOW_YAML["decoder"]["estimator"], "channels": [16, 24]}}}
+    yaml = {
+        **FLOW_YAML,
+        "decoder": {
+            **FLOW_YAML["decoder"],
+            "estimator": {**FLOW_YAML["decoder"]["estimator"], "channels": [16, 24]},
+        },
+    }
     ref = _build_ref_flow(yaml)
     ours = load_flow(ref.state_dict(), CosyVoiceFlowConfig.from_dict(yaml))
     args = _flow_inputs(n_prompt, n_tok, seed=2)
@@ -605,17 +719,24 @@ def test_flow_parity_two_level_unet(tmp_path, n_prompt, n_tok):
 
 def test_flow_batch_matches_single_reference(ref_flow):
     """Padded batched flow == the original run on each utterance alone."""
-    ours = load_flow(ref_flow.state_dict(),
-                     CosyVoiceFlowConfig.from_dict(FLOW_YAML))
-    items = [_flow_inputs(p, n, seed=40 + n) for p, n in
-             ((4, 11), (0, 6), (7, 3))]
-    got = ours.forward_batch([t[0][0] for t in items],
-                             [t[1][0] for t in items],
-                             [t[2][0] for t in items],
-                             torch.cat([t[3] for t in items]))
+    ours = load_flow(ref_flow.state_dict(), CosyVoiceFlowConfig.from_dict(FLOW_YAML))
+    items = [_flow_inputs(p, n, seed=40 + n) for p, n in ((4, 11), (0, 6), (7, 3))]
+    got = ours.forward_batch(
+        [t[0][0] for t in items],
+        [t[1][0] for t in items],
+        [t[2][0] for t in items],
+        torch.cat([t[3] for t in items]),
+    )
     for (token, prompt_token, prompt_feat, emb), g in zip(items, got):
-        want = _ref_flow_call(ref_flow, token, prompt_token, prompt_feat,
-                              emb, streaming=False, finalize=True)
+        want = _ref_flow_call(
+            ref_flow,
+            token,
+            prompt_token,
+            prompt_feat,
+            emb,
+            streaming=False,
+            finalize=True,
+        )
         assert g.shape == want[0].shape
         assert rel_err(g, want[0]) < 1e-3
 
@@ -624,13 +745,14 @@ def test_token2wav_batch(stream_models):
     ref, ours = stream_models
     items = [_flow_inputs(p, n, seed=60 + n) for p, n in ((5, 12), (2, 20))]
     got = ours.synthesize_batch(
-        [t[0][0] for t in items], [t[1][0] for t in items],
-        [t[2][0] for t in items], torch.cat([t[3] for t in items]),
-        generators=[torch.Generator().manual_seed(s) for s in (1, 2)])
-    for (token, prompt_token, prompt_feat, emb), g, s in zip(
-            items, got, (1, 2)):
+        [t[0][0] for t in items],
+        [t[1][0] for t in items],
+        [t[2][0] for t in items],
+        torch.cat([t[3] for t in items]),
+        generators=[torch.Generator().manual_seed(s) for s in (1, 2)],
+    )
+    for (token, prompt_token, prompt_feat, emb), g, s in zip(items, got, (1, 2)):
         torch.manual_seed(s)
-        (want, ) = _ref_tts(ref, token, prompt_token, prompt_feat, emb,
-                            stream=False)
+        (want,) = _ref_tts(ref, token, prompt_token, prompt_feat, emb, stream=False)
         assert g.shape == want.shape
         assert rel_err(g, want) < 1e-3

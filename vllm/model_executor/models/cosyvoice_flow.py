@@ -18,17 +18,16 @@ chunk-causal attention masks and the last ``pre_lookahead_len`` tokens passed
 as look-ahead context.
 """
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from vllm.logger import init_logger
+
 from vllm.model_executor.models.cosyvoice_hift import load_strict
 
 logger = init_logger(__name__)
@@ -81,8 +80,7 @@ class CosyVoiceFlowConfig:
     t_scheduler: str = "cosine"
     n_timesteps: int = 10  # fixed in CausalMaskedDiffWithXvec.inference
     encoder: FlowEncoderConfig = field(default_factory=FlowEncoderConfig)
-    estimator: FlowEstimatorConfig = field(
-        default_factory=FlowEstimatorConfig)
+    estimator: FlowEstimatorConfig = field(default_factory=FlowEstimatorConfig)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CosyVoiceFlowConfig":
@@ -95,8 +93,7 @@ class CosyVoiceFlowConfig:
         cfm = dict(cfm.get("content", cfm))  # !new:omegaconf.DictConfig
         kw: dict[str, Any] = {}
         for k, v in d.items():
-            if k in cls.__dataclass_fields__ and k not in ("encoder",
-                                                           "estimator"):
+            if k in cls.__dataclass_fields__ and k not in ("encoder", "estimator"):
                 kw[k] = v
         if "inference_cfg_rate" in cfm:
             kw["inference_cfg_rate"] = float(cfm["inference_cfg_rate"])
@@ -104,9 +101,11 @@ class CosyVoiceFlowConfig:
             kw["t_scheduler"] = str(cfm["t_scheduler"])
         if "solver" in cfm and cfm["solver"] != "euler":
             raise ValueError(f"flow: unsupported solver {cfm['solver']!r}")
-        for k, want in (("input_layer", "linear"),
-                        ("pos_enc_layer_type", "rel_pos_espnet"),
-                        ("selfattention_layer_type", "rel_selfattn")):
+        for k, want in (
+            ("input_layer", "linear"),
+            ("pos_enc_layer_type", "rel_pos_espnet"),
+            ("selfattention_layer_type", "rel_selfattn"),
+        ):
             if k in enc and enc[k] != want:
                 raise ValueError(f"flow.encoder: unsupported {k}={enc[k]!r}")
         for k in ("use_cnn_module", "macaron_style"):
@@ -114,14 +113,8 @@ class CosyVoiceFlowConfig:
                 raise ValueError(f"flow.encoder: {k}=True is not supported")
         if enc.get("activation_type", "swish") != "swish":
             raise ValueError("flow.encoder: only swish activation")
-        ekw = {
-            k: enc[k]
-            for k in FlowEncoderConfig.__dataclass_fields__ if k in enc
-        }
-        skw = {
-            k: est[k]
-            for k in FlowEstimatorConfig.__dataclass_fields__ if k in est
-        }
+        ekw = {k: enc[k] for k in FlowEncoderConfig.__dataclass_fields__ if k in enc}
+        skw = {k: est[k] for k in FlowEstimatorConfig.__dataclass_fields__ if k in est}
         if "channels" in skw:
             skw["channels"] = list(skw["channels"])
         kw["encoder"] = FlowEncoderConfig(**ekw)
@@ -159,20 +152,23 @@ class LinearEmbed(nn.Module):
 
     def __init__(self, idim: int, odim: int):
         super().__init__()
-        self.out = nn.Sequential(nn.Linear(idim, odim),
-                                 nn.LayerNorm(odim, eps=1e-5), nn.Identity())
+        self.out = nn.Sequential(
+            nn.Linear(idim, odim), nn.LayerNorm(odim, eps=1e-5), nn.Identity()
+        )
         self.d_model = odim
         self.xscale = math.sqrt(odim)
 
-    def rel_pos(self, size: int, device: torch.device,
-                dtype: torch.dtype) -> torch.Tensor:
+    def rel_pos(
+        self, size: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
         """[1, 2*size-1, d]: relative positions size-1 ... -(size-1)."""
-        pos = torch.arange(size - 1, -size, -1, device=device,
-                           dtype=torch.float32)[:, None]
+        pos = torch.arange(size - 1, -size, -1, device=device, dtype=torch.float32)[
+            :, None
+        ]
         div = torch.exp(
-            torch.arange(0, self.d_model, 2, device=device,
-                         dtype=torch.float32) *
-            -(math.log(10000.0) / self.d_model))
+            torch.arange(0, self.d_model, 2, device=device, dtype=torch.float32)
+            * -(math.log(10000.0) / self.d_model)
+        )
         pe = torch.zeros(2 * size - 1, self.d_model, device=device)
         pe[:, 0::2] = torch.sin(pos * div)
         pe[:, 1::2] = torch.cos(pos * div)
@@ -198,21 +194,28 @@ class RelPositionAttention(nn.Module):
         self.pos_bias_u = nn.Parameter(torch.zeros(n_head, self.d_k))
         self.pos_bias_v = nn.Parameter(torch.zeros(n_head, self.d_k))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor,
-                pos_emb: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, pos_emb: torch.Tensor
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.linear_q(x).view(b, t, self.h, self.d_k)
         k = self.linear_k(x).view(b, t, self.h, self.d_k).transpose(1, 2)
         v = self.linear_v(x).view(b, t, self.h, self.d_k).transpose(1, 2)
-        p = self.linear_pos(pos_emb).view(pos_emb.shape[0], -1, self.h,
-                                          self.d_k).transpose(1, 2)
-        ac = torch.matmul((q + self.pos_bias_u).transpose(1, 2),
-                          k.transpose(-2, -1))
-        bd = torch.matmul((q + self.pos_bias_v).transpose(1, 2),
-                          p.transpose(-2, -1))  # [B, h, T, 2T-1]
+        p = (
+            self.linear_pos(pos_emb)
+            .view(pos_emb.shape[0], -1, self.h, self.d_k)
+            .transpose(1, 2)
+        )
+        ac = torch.matmul((q + self.pos_bias_u).transpose(1, 2), k.transpose(-2, -1))
+        bd = torch.matmul(
+            (q + self.pos_bias_v).transpose(1, 2), p.transpose(-2, -1)
+        )  # [B, h, T, 2T-1]
         # bd[i, j] <- bd[i, (T-1) - i + j]  (relative position i - j)
-        idx = (torch.arange(t, device=x.device)[None, :] + (t - 1) -
-               torch.arange(t, device=x.device)[:, None])
+        idx = (
+            torch.arange(t, device=x.device)[None, :]
+            + (t - 1)
+            - torch.arange(t, device=x.device)[:, None]
+        )
         bd = torch.gather(bd, -1, idx.expand(bd.shape[0], bd.shape[1], t, t))
         scores = (ac + bd) / math.sqrt(self.d_k)
         blocked = ~mask[:, None]  # [B, 1, 1|T, T]
@@ -223,7 +226,6 @@ class RelPositionAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-
     def __init__(self, idim: int, hidden: int):
         super().__init__()
         self.w_1 = nn.Linear(idim, hidden)
@@ -243,8 +245,9 @@ class ConformerLayer(nn.Module):
         self.norm_ff = nn.LayerNorm(size, eps=1e-12)
         self.norm_mha = nn.LayerNorm(size, eps=1e-12)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor,
-                pos_emb: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, pos_emb: torch.Tensor
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.norm_mha(x), mask, pos_emb)
         return x + self.feed_forward(self.norm_ff(x))
 
@@ -259,15 +262,17 @@ class PreLookaheadLayer(nn.Module):
         self.conv1 = nn.Conv1d(channels, channels, pre_lookahead_len + 1)
         self.conv2 = nn.Conv1d(channels, channels, 3)
 
-    def forward(self, x: torch.Tensor,
-                context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         h = x.transpose(1, 2)
         n_ctx = 0
         if context is not None and context.shape[1] > 0:
             if context.shape[1] != self.pre_lookahead_len:
                 raise ValueError(
                     f"look-ahead context must have {self.pre_lookahead_len} "
-                    f"frames, got {context.shape[1]}")
+                    f"frames, got {context.shape[1]}"
+                )
             h = torch.cat([h, context.transpose(1, 2)], dim=2)
             n_ctx = context.shape[1]
         h = F.pad(h, (0, self.pre_lookahead_len - n_ctx))
@@ -290,7 +295,6 @@ class UpsampleConv(nn.Module):
 
 
 class UpsampleConformerEncoder(nn.Module):
-
     def __init__(self, cfg: FlowEncoderConfig):
         super().__init__()
         d = cfg.output_size
@@ -299,19 +303,23 @@ class UpsampleConformerEncoder(nn.Module):
         self.pre_lookahead_layer = PreLookaheadLayer(d, cfg.pre_lookahead_len)
         self.encoders = nn.ModuleList(
             ConformerLayer(d, cfg.attention_heads, cfg.linear_units)
-            for _ in range(cfg.num_blocks))
+            for _ in range(cfg.num_blocks)
+        )
         self.up_layer = UpsampleConv(d, cfg.upsample_stride)
         self.up_embed = LinearEmbed(cfg.input_size, d)
         self.up_encoders = nn.ModuleList(
             ConformerLayer(d, cfg.attention_heads, cfg.linear_units)
-            for _ in range(cfg.num_up_blocks))
+            for _ in range(cfg.num_up_blocks)
+        )
         self.after_norm = nn.LayerNorm(d, eps=1e-5)
 
-    def forward(self,
-                xs: torch.Tensor,
-                xs_lens: torch.Tensor,
-                context: torch.Tensor | None = None,
-                streaming: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        xs: torch.Tensor,
+        xs_lens: torch.Tensor,
+        context: torch.Tensor | None = None,
+        streaming: bool = False,
+    ) -> torch.Tensor:
         """xs [B, T, D] -> [B, T * stride, D]."""
         stride = self.cfg.upsample_stride
         chunk = self.cfg.static_chunk_size if streaming else 0
@@ -355,19 +363,21 @@ class ChannelLayerNorm(nn.LayerNorm):
 
 
 class CausalBlock1D(nn.Module):
-
     def __init__(self, dim: int, dim_out: int):
         super().__init__()
-        self.block = nn.Sequential(CausalConv1d(dim, dim_out, 3),
-                                   nn.Identity(), ChannelLayerNorm(dim_out),
-                                   nn.Identity(), nn.Mish())
+        self.block = nn.Sequential(
+            CausalConv1d(dim, dim_out, 3),
+            nn.Identity(),
+            ChannelLayerNorm(dim_out),
+            nn.Identity(),
+            nn.Mish(),
+        )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.block(x * mask) * mask
 
 
 class CausalResnetBlock1D(nn.Module):
-
     def __init__(self, dim: int, dim_out: int, time_emb_dim: int):
         super().__init__()
         self.mlp = nn.Sequential(nn.Mish(), nn.Linear(time_emb_dim, dim_out))
@@ -375,8 +385,9 @@ class CausalResnetBlock1D(nn.Module):
         self.block2 = CausalBlock1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor,
-                t: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
         h = self.block1(x, mask) + self.mlp(t)[:, :, None]
         h = self.block2(h, mask)
         return h + self.res_conv(x * mask)
@@ -400,15 +411,16 @@ class _Attention(nn.Module):
         def heads(y: torch.Tensor) -> torch.Tensor:
             return y.view(b, t, self.heads, -1).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(heads(self.to_q(x)),
-                                             heads(self.to_k(x)),
-                                             heads(self.to_v(x)),
-                                             attn_mask=bias[:, None])
+        out = F.scaled_dot_product_attention(
+            heads(self.to_q(x)),
+            heads(self.to_k(x)),
+            heads(self.to_v(x)),
+            attn_mask=bias[:, None],
+        )
         return self.to_out[0](out.transpose(1, 2).reshape(b, t, -1))
 
 
 class _GELUProj(nn.Module):
-
     def __init__(self, dim: int, inner: int, approximate: str):
         super().__init__()
         self.proj = nn.Linear(dim, inner)
@@ -419,7 +431,6 @@ class _GELUProj(nn.Module):
 
 
 class _FeedForward(nn.Module):
-
     def __init__(self, dim: int, act_fn: str, mult: int = 4):
         super().__init__()
         if act_fn == "gelu":
@@ -428,8 +439,7 @@ class _FeedForward(nn.Module):
             act = _GELUProj(dim, dim * mult, "tanh")
         else:
             raise ValueError(f"flow estimator: unsupported act_fn {act_fn!r}")
-        self.net = nn.ModuleList([act, nn.Identity(),
-                                  nn.Linear(dim * mult, dim)])
+        self.net = nn.ModuleList([act, nn.Identity(), nn.Linear(dim * mult, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for m in self.net:
@@ -453,7 +463,6 @@ class TransformerBlock(nn.Module):
 
 
 class TimestepEmbedding(nn.Module):
-
     def __init__(self, in_channels: int, dim: int):
         super().__init__()
         self.in_channels = in_channels
@@ -463,8 +472,9 @@ class TimestepEmbedding(nn.Module):
     def sinusoidal(self, t: torch.Tensor, scale: float = 1000.0):
         half = self.in_channels // 2
         freq = torch.exp(
-            torch.arange(half, device=t.device).float() *
-            -(math.log(10000) / (half - 1)))
+            torch.arange(half, device=t.device).float()
+            * -(math.log(10000) / (half - 1))
+        )
         arg = scale * t[:, None].float() * freq[None]
         return torch.cat([arg.sin(), arg.cos()], dim=-1).to(t.dtype)
 
@@ -473,7 +483,6 @@ class TimestepEmbedding(nn.Module):
 
 
 class _Downsample(nn.Module):
-
     def __init__(self, dim: int):
         super().__init__()
         self.conv = nn.Conv1d(dim, dim, 3, 2, 1)
@@ -483,7 +492,6 @@ class _Downsample(nn.Module):
 
 
 class _Upsample(nn.Module):
-
     def __init__(self, dim: int):
         super().__init__()
         self.conv = nn.ConvTranspose1d(dim, dim, 4, 2, 1)
@@ -504,8 +512,9 @@ class CausalConditionalDecoder(nn.Module):
 
         def tblocks(dim: int) -> nn.ModuleList:
             return nn.ModuleList(
-                TransformerBlock(dim, cfg.num_heads, cfg.attention_head_dim,
-                                 cfg.act_fn) for _ in range(cfg.n_blocks))
+                TransformerBlock(dim, cfg.num_heads, cfg.attention_head_dim, cfg.act_fn)
+                for _ in range(cfg.n_blocks)
+            )
 
         self.down_blocks = nn.ModuleList()
         out_ch = cfg.in_channels
@@ -513,41 +522,55 @@ class CausalConditionalDecoder(nn.Module):
             in_ch, out_ch = out_ch, ch
             last = i == len(channels) - 1
             self.down_blocks.append(
-                nn.ModuleList([
-                    CausalResnetBlock1D(in_ch, out_ch, temb),
-                    tblocks(out_ch),
-                    CausalConv1d(out_ch, out_ch, 3)
-                    if last else _Downsample(out_ch)
-                ]))
+                nn.ModuleList(
+                    [
+                        CausalResnetBlock1D(in_ch, out_ch, temb),
+                        tblocks(out_ch),
+                        CausalConv1d(out_ch, out_ch, 3)
+                        if last
+                        else _Downsample(out_ch),
+                    ]
+                )
+            )
         self.mid_blocks = nn.ModuleList(
-            nn.ModuleList([
-                CausalResnetBlock1D(channels[-1], out_ch, temb),
-                tblocks(out_ch)
-            ]) for _ in range(cfg.num_mid_blocks))
-        up = channels[::-1] + (channels[0], )
+            nn.ModuleList(
+                [CausalResnetBlock1D(channels[-1], out_ch, temb), tblocks(out_ch)]
+            )
+            for _ in range(cfg.num_mid_blocks)
+        )
+        up = channels[::-1] + (channels[0],)
         self.up_blocks = nn.ModuleList()
         for i in range(len(up) - 1):
             last = i == len(up) - 2
             self.up_blocks.append(
-                nn.ModuleList([
-                    CausalResnetBlock1D(up[i] * 2, up[i + 1], temb),
-                    tblocks(up[i + 1]),
-                    CausalConv1d(up[i + 1], up[i + 1], 3)
-                    if last else _Upsample(up[i + 1])
-                ]))
+                nn.ModuleList(
+                    [
+                        CausalResnetBlock1D(up[i] * 2, up[i + 1], temb),
+                        tblocks(up[i + 1]),
+                        CausalConv1d(up[i + 1], up[i + 1], 3)
+                        if last
+                        else _Upsample(up[i + 1]),
+                    ]
+                )
+            )
         self.final_block = CausalBlock1D(up[-1], up[-1])
         self.final_proj = nn.Conv1d(up[-1], cfg.out_channels, 1)
 
-    def _bias(self, mask: torch.Tensor, streaming: bool,
-              dtype: torch.dtype) -> torch.Tensor:
-        m = _chunk_mask(mask.bool(),
-                        self.cfg.static_chunk_size if streaming else 0)
+    def _bias(
+        self, mask: torch.Tensor, streaming: bool, dtype: torch.dtype
+    ) -> torch.Tensor:
+        m = _chunk_mask(mask.bool(), self.cfg.static_chunk_size if streaming else 0)
         m = m.expand(m.shape[0], mask.shape[-1], mask.shape[-1])
         return (1.0 - m.to(dtype)) * -1.0e10
 
-    def _transformers(self, blocks: nn.ModuleList, x: torch.Tensor,
-                      mask: torch.Tensor, streaming: bool,
-                      biases: dict[int, torch.Tensor]) -> torch.Tensor:
+    def _transformers(
+        self,
+        blocks: nn.ModuleList,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        streaming: bool,
+        biases: dict[int, torch.Tensor],
+    ) -> torch.Tensor:
         t = mask.shape[-1]
         if t not in biases:  # one bias per resolution per call
             biases[t] = self._bias(mask, streaming, x.dtype)
@@ -557,18 +580,20 @@ class CausalConditionalDecoder(nn.Module):
             x = blk(x, bias)
         return x.transpose(1, 2)
 
-    def forward(self,
-                x: torch.Tensor,
-                mask: torch.Tensor,
-                mu: torch.Tensor,
-                t: torch.Tensor,
-                spks: torch.Tensor,
-                cond: torch.Tensor,
-                streaming: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        mu: torch.Tensor,
+        t: torch.Tensor,
+        spks: torch.Tensor,
+        cond: torch.Tensor,
+        streaming: bool = False,
+    ) -> torch.Tensor:
         temb = self.time_mlp(t)
-        x = torch.cat([
-            x, mu, spks[:, :, None].expand(-1, -1, x.shape[-1]), cond
-        ], dim=1)
+        x = torch.cat(
+            [x, mu, spks[:, :, None].expand(-1, -1, x.shape[-1]), cond], dim=1
+        )
         hiddens = []
         masks = [mask]
         biases: dict[int, torch.Tensor] = {}
@@ -587,7 +612,7 @@ class CausalConditionalDecoder(nn.Module):
         for resnet, blocks, upsample in self.up_blocks:
             m = masks.pop()
             skip = hiddens.pop()
-            x = torch.cat([x[:, :, :skip.shape[-1]], skip], dim=1)
+            x = torch.cat([x[:, :, : skip.shape[-1]], skip], dim=1)
             x = resnet(x, m, temb)
             x = self._transformers(blocks, x, m, streaming, biases)
             x = upsample(x * m)
@@ -607,22 +632,26 @@ class CausalConditionalCFM(nn.Module):
         # The original's fixed initial noise (drawn once, seed 0). Not part
         # of the state dict.
         g = torch.Generator().manual_seed(_NOISE_SEED)
-        self.register_buffer("rand_noise",
-                             torch.randn(1, self.n_mels, _NOISE_FRAMES,
-                                         generator=g),
-                             persistent=False)
+        self.register_buffer(
+            "rand_noise",
+            torch.randn(1, self.n_mels, _NOISE_FRAMES, generator=g),
+            persistent=False,
+        )
 
-    def fixed_noise(self, frames: int, device: torch.device,
-                    dtype: torch.dtype) -> torch.Tensor:
+    def fixed_noise(
+        self, frames: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
         """The original's fixed initial noise, [1, n_mels, frames]."""
         if frames > _NOISE_FRAMES:
             raise ValueError(
                 f"flow: {frames} mel frames exceed the original's fixed "
-                f"noise ({_NOISE_FRAMES} frames = 300 s); split the input")
+                f"noise ({_NOISE_FRAMES} frames = 300 s); split the input"
+            )
         return self.rand_noise[:, :, :frames].to(device=device, dtype=dtype)
 
-    def t_span(self, n_timesteps: int, device: torch.device,
-               dtype: torch.dtype) -> torch.Tensor:
+    def t_span(
+        self, n_timesteps: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
         t = torch.linspace(0, 1, n_timesteps + 1, device=device, dtype=dtype)
         if self.t_scheduler == "cosine":
             t = 1 - torch.cos(t * 0.5 * torch.pi)
@@ -630,15 +659,17 @@ class CausalConditionalCFM(nn.Module):
             raise ValueError(f"flow: unknown t_scheduler {self.t_scheduler}")
         return t
 
-    def forward(self,
-                mu: torch.Tensor,
-                mask: torch.Tensor,
-                spks: torch.Tensor,
-                cond: torch.Tensor,
-                n_timesteps: int,
-                streaming: bool = False,
-                temperature: float = 1.0,
-                noise: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        mu: torch.Tensor,
+        mask: torch.Tensor,
+        spks: torch.Tensor,
+        cond: torch.Tensor,
+        n_timesteps: int,
+        streaming: bool = False,
+        temperature: float = 1.0,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """mu/cond [B, 80, T], mask [B, 1, T], spks [B, 80] -> mel."""
         b, _, t = mu.shape
         if noise is None:
@@ -652,8 +683,9 @@ class CausalConditionalCFM(nn.Module):
         cond2 = torch.cat([cond, torch.zeros_like(cond)])
         w = self.inference_cfg_rate
         for step in range(1, len(span)):
-            v = self.estimator(torch.cat([x, x]), mask2, mu2,
-                               tt.expand(2 * b), spks2, cond2, streaming)
+            v = self.estimator(
+                torch.cat([x, x]), mask2, mu2, tt.expand(2 * b), spks2, cond2, streaming
+            )
             v_c, v_u = v[:b], v[b:]
             x = x + dt * ((1.0 + w) * v_c - w * v_u)
             tt = tt + dt
@@ -675,11 +707,9 @@ class CausalMaskedDiffWithXvec(nn.Module):
         self.pre_lookahead_len = cfg.pre_lookahead_len
         self.input_frame_rate = cfg.input_frame_rate
         self.input_embedding = nn.Embedding(cfg.vocab_size, cfg.input_size)
-        self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim,
-                                                cfg.output_size)
+        self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)
         self.encoder = UpsampleConformerEncoder(cfg.encoder)
-        self.encoder_proj = nn.Linear(cfg.encoder.output_size,
-                                      cfg.output_size)
+        self.encoder_proj = nn.Linear(cfg.encoder.output_size, cfg.output_size)
         self.decoder = CausalConditionalCFM(cfg)
 
     @property
@@ -691,14 +721,16 @@ class CausalMaskedDiffWithXvec(nn.Module):
         return self.input_frame_rate * self.token_mel_ratio
 
     @torch.inference_mode()
-    def forward(self,
-                token: torch.Tensor,
-                prompt_token: torch.Tensor,
-                prompt_feat: torch.Tensor,
-                embedding: torch.Tensor,
-                streaming: bool = False,
-                finalize: bool = True,
-                noise: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        token: torch.Tensor,
+        prompt_token: torch.Tensor,
+        prompt_feat: torch.Tensor,
+        embedding: torch.Tensor,
+        streaming: bool = False,
+        finalize: bool = True,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Mel [1, 80, T_new] for ``token`` [1, N] after the prompt.
 
         prompt_token [1, P] (may be empty), prompt_feat [1, 2P, 80] (the
@@ -720,36 +752,39 @@ class CausalMaskedDiffWithXvec(nn.Module):
             h = self.encoder(x, tok_len, streaming=streaming)
         else:
             n = self.pre_lookahead_len
-            h = self.encoder(x[:, :-n], tok_len, context=x[:, -n:],
-                             streaming=streaming)
+            h = self.encoder(x[:, :-n], tok_len, context=x[:, -n:], streaming=streaming)
         mel_len1 = prompt_feat.shape[1]
         mel_len2 = h.shape[1] - mel_len1
         if mel_len2 < 0:
             raise ValueError(
                 f"flow: prompt mel ({mel_len1} frames) is longer than the "
-                f"encoded tokens ({h.shape[1]} frames)")
+                f"encoded tokens ({h.shape[1]} frames)"
+            )
         h = self.encoder_proj(h)
-        conds = torch.zeros(1, h.shape[1], self.output_size, device=dev,
-                            dtype=h.dtype)
+        conds = torch.zeros(1, h.shape[1], self.output_size, device=dev, dtype=h.dtype)
         conds[:, :mel_len1] = prompt_feat
         mask = torch.ones(1, 1, h.shape[1], device=dev, dtype=h.dtype)
-        feat = self.decoder(mu=h.transpose(1, 2).contiguous(),
-                            mask=mask,
-                            spks=spk,
-                            cond=conds.transpose(1, 2),
-                            n_timesteps=self.config.n_timesteps,
-                            streaming=streaming,
-                            noise=noise)
+        feat = self.decoder(
+            mu=h.transpose(1, 2).contiguous(),
+            mask=mask,
+            spks=spk,
+            cond=conds.transpose(1, 2),
+            n_timesteps=self.config.n_timesteps,
+            streaming=streaming,
+            noise=noise,
+        )
         return feat[:, :, mel_len1:]
 
     inference = forward
 
     @torch.inference_mode()
-    def forward_batch(self,
-                      tokens: Sequence[torch.Tensor],
-                      prompt_tokens: Sequence[torch.Tensor],
-                      prompt_feats: Sequence[torch.Tensor],
-                      embeddings: torch.Tensor) -> list[torch.Tensor]:
+    def forward_batch(
+        self,
+        tokens: Sequence[torch.Tensor],
+        prompt_tokens: Sequence[torch.Tensor],
+        prompt_feats: Sequence[torch.Tensor],
+        embeddings: torch.Tensor,
+    ) -> list[torch.Tensor]:
         """Offline (``finalize=True``, non-streaming) flow for several
         utterances at once, padded to the longest.
 
@@ -760,8 +795,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         fixed noise of frame t does not depend on the length.
         """
         b = len(tokens)
-        if not (len(prompt_tokens) == len(prompt_feats) == b ==
-                embeddings.shape[0]):
+        if not (len(prompt_tokens) == len(prompt_feats) == b == embeddings.shape[0]):
             raise ValueError("flow.forward_batch: inconsistent batch sizes")
         dev = self.input_embedding.weight.device
         seqs = [
@@ -775,33 +809,34 @@ class CausalMaskedDiffWithXvec(nn.Module):
         h = self.encoder(x, lens, streaming=False)
         h = self.encoder_proj(h)
         ratio = h.shape[1] // tok.shape[1]
-        conds = torch.zeros(b, h.shape[1], self.output_size, device=dev,
-                            dtype=h.dtype)
+        conds = torch.zeros(b, h.shape[1], self.output_size, device=dev, dtype=h.dtype)
         starts = []
         for i, pf in enumerate(prompt_feats):
             pf = pf.reshape(-1, self.output_size).to(dev)
             if pf.shape[0] > ratio * len(seqs[i]):
-                raise ValueError(f"flow: prompt mel of item {i} is longer "
-                                 "than its encoded tokens")
-            conds[i, :pf.shape[0]] = pf
+                raise ValueError(
+                    f"flow: prompt mel of item {i} is longer than its encoded tokens"
+                )
+            conds[i, : pf.shape[0]] = pf
             starts.append(pf.shape[0])
         mask = _pad_mask(lens * ratio, h.shape[1]).to(h.dtype)
         spk = self.spk_embed_affine_layer(
-            F.normalize(embeddings.to(dev).float(), dim=1))
-        feat = self.decoder(mu=h.transpose(1, 2).contiguous(),
-                            mask=mask,
-                            spks=spk,
-                            cond=conds.transpose(1, 2),
-                            n_timesteps=self.config.n_timesteps,
-                            streaming=False)
-        return [
-            feat[i, :, starts[i]:ratio * len(seqs[i])] for i in range(b)
-        ]
+            F.normalize(embeddings.to(dev).float(), dim=1)
+        )
+        feat = self.decoder(
+            mu=h.transpose(1, 2).contiguous(),
+            mask=mask,
+            spks=spk,
+            cond=conds.transpose(1, 2),
+            n_timesteps=self.config.n_timesteps,
+            streaming=False,
+        )
+        return [feat[i, :, starts[i] : ratio * len(seqs[i])] for i in range(b)]
 
 
-def load_flow(state_dict: Mapping[str, torch.Tensor],
-              config: CosyVoiceFlowConfig | None = None
-              ) -> CausalMaskedDiffWithXvec:
+def load_flow(
+    state_dict: Mapping[str, torch.Tensor], config: CosyVoiceFlowConfig | None = None
+) -> CausalMaskedDiffWithXvec:
     """Build the flow from an original ``flow.pt`` state dict."""
     model = CausalMaskedDiffWithXvec(config)
     load_strict(model, state_dict, "flow.pt")
@@ -809,6 +844,9 @@ def load_flow(state_dict: Mapping[str, torch.Tensor],
 
 
 __all__: Sequence[str] = [
-    "CosyVoiceFlowConfig", "FlowEncoderConfig", "FlowEstimatorConfig",
-    "CausalMaskedDiffWithXvec", "load_flow"
+    "CosyVoiceFlowConfig",
+    "FlowEncoderConfig",
+    "FlowEstimatorConfig",
+    "CausalMaskedDiffWithXvec",
+    "load_flow",
 ]

@@ -17,18 +17,16 @@ or they can be given explicitly, so that tests can reproduce the original
 output exactly.
 """
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
-
 from vllm.logger import init_logger
 
 logger = init_logger(__name__)
@@ -46,18 +44,17 @@ class HiFTConfig:
     nsf_sigma: float = 0.003
     nsf_voiced_threshold: float = 10.0
     upsample_rates: list[int] = field(default_factory=lambda: [8, 5, 3])
-    upsample_kernel_sizes: list[int] = field(
-        default_factory=lambda: [16, 11, 7])
+    upsample_kernel_sizes: list[int] = field(default_factory=lambda: [16, 11, 7])
     istft_n_fft: int = 16
     istft_hop_len: int = 4
-    resblock_kernel_sizes: list[int] = field(
-        default_factory=lambda: [3, 7, 11])
+    resblock_kernel_sizes: list[int] = field(default_factory=lambda: [3, 7, 11])
     resblock_dilation_sizes: list[list[int]] = field(
-        default_factory=lambda: [[1, 3, 5], [1, 3, 5], [1, 3, 5]])
-    source_resblock_kernel_sizes: list[int] = field(
-        default_factory=lambda: [7, 7, 11])
+        default_factory=lambda: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
+    )
+    source_resblock_kernel_sizes: list[int] = field(default_factory=lambda: [7, 7, 11])
     source_resblock_dilation_sizes: list[list[int]] = field(
-        default_factory=lambda: [[1, 3, 5], [1, 3, 5], [1, 3, 5]])
+        default_factory=lambda: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
+    )
     lrelu_slope: float = 0.1
     audio_limit: float = 0.99
     f0_num_class: int = 1
@@ -114,21 +111,37 @@ class Snake(nn.Module):
 class ResBlock(nn.Module):
     """Dilated residual block with Snake activations (HiFi-GAN/BigVGAN)."""
 
-    def __init__(self, channels: int, kernel_size: int,
-                 dilations: Sequence[int]):
+    def __init__(self, channels: int, kernel_size: int, dilations: Sequence[int]):
         super().__init__()
         self.convs1 = nn.ModuleList(
-            _wn_conv1d(channels, channels, kernel_size, 1, dilation=d,
-                       padding=(kernel_size * d - d) // 2) for d in dilations)
+            _wn_conv1d(
+                channels,
+                channels,
+                kernel_size,
+                1,
+                dilation=d,
+                padding=(kernel_size * d - d) // 2,
+            )
+            for d in dilations
+        )
         self.convs2 = nn.ModuleList(
-            _wn_conv1d(channels, channels, kernel_size, 1, dilation=1,
-                       padding=(kernel_size - 1) // 2) for _ in dilations)
+            _wn_conv1d(
+                channels,
+                channels,
+                kernel_size,
+                1,
+                dilation=1,
+                padding=(kernel_size - 1) // 2,
+            )
+            for _ in dilations
+        )
         self.activations1 = nn.ModuleList(Snake(channels) for _ in dilations)
         self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for c1, c2, a1, a2 in zip(self.convs1, self.convs2,
-                                  self.activations1, self.activations2):
+        for c1, c2, a1, a2 in zip(
+            self.convs1, self.convs2, self.activations1, self.activations2
+        ):
             x = x + c2(a2(c1(a1(x))))
         return x
 
@@ -136,14 +149,20 @@ class ResBlock(nn.Module):
 class ConvRNNF0Predictor(nn.Module):
     """Five weight-normed k=3 convs with ELU, then a linear head; |f0| in Hz."""
 
-    def __init__(self, num_class: int = 1, in_channels: int = 80,
-                 cond_channels: int = 512):
+    def __init__(
+        self, num_class: int = 1, in_channels: int = 80, cond_channels: int = 512
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         for i in range(5):
             layers.append(
-                _wn_conv1d(in_channels if i == 0 else cond_channels,
-                           cond_channels, kernel_size=3, padding=1))
+                _wn_conv1d(
+                    in_channels if i == 0 else cond_channels,
+                    cond_channels,
+                    kernel_size=3,
+                    padding=1,
+                )
+            )
             layers.append(nn.ELU())
         self.condnet = nn.Sequential(*layers)
         self.classifier = nn.Linear(cond_channels, num_class)
@@ -161,9 +180,15 @@ class SineGen(nn.Module):
     interpolation by 1/upsample), integrated there, and interpolated back up.
     """
 
-    def __init__(self, sampling_rate: int, upsample_scale: int,
-                 harmonic_num: int, sine_amp: float, noise_std: float,
-                 voiced_threshold: float):
+    def __init__(
+        self,
+        sampling_rate: int,
+        upsample_scale: int,
+        harmonic_num: int,
+        sine_amp: float,
+        noise_std: float,
+        voiced_threshold: float,
+    ):
         super().__init__()
         self.sampling_rate = sampling_rate
         self.upsample_scale = upsample_scale
@@ -187,27 +212,29 @@ class SineGen(nn.Module):
         is drawn into a transposed [B, dim, L] buffer, as the original).
         """
         b, length, _ = f0.shape
-        harmonics = torch.arange(1, self.dim + 1, device=f0.device,
-                                 dtype=f0.dtype)
+        harmonics = torch.arange(1, self.dim + 1, device=f0.device, dtype=f0.dtype)
         fn = f0 * harmonics  # [B, L, dim]
         rad = torch.remainder(fn / self.sampling_rate, 1.0)
         # Draw on the generator's device (a CPU generator gives the same
         # numbers whatever device the model runs on).
         rng_dev = generator.device if generator is not None else f0.device
         if phase_init is None:
-            phase_init = torch.rand(b, self.dim, generator=generator,
-                                    device=rng_dev, dtype=f0.dtype)
+            phase_init = torch.rand(
+                b, self.dim, generator=generator, device=rng_dev, dtype=f0.dtype
+            )
         phase_init = phase_init.to(f0.device).clone()
         phase_init[:, 0] = 0
         rad = rad.clone()
         rad[:, 0, :] = rad[:, 0, :] + phase_init
-        rad = F.interpolate(rad.transpose(1, 2),
-                            scale_factor=1.0 / self.upsample_scale,
-                            mode="linear")
+        rad = F.interpolate(
+            rad.transpose(1, 2), scale_factor=1.0 / self.upsample_scale, mode="linear"
+        )
         phase = torch.cumsum(rad, dim=2) * (2 * math.pi)
-        phase = F.interpolate(phase * self.upsample_scale,
-                              scale_factor=float(self.upsample_scale),
-                              mode="linear").transpose(1, 2)
+        phase = F.interpolate(
+            phase * self.upsample_scale,
+            scale_factor=float(self.upsample_scale),
+            mode="linear",
+        ).transpose(1, 2)
         sines = torch.sin(phase) * self.sine_amp
         uv = (f0 > self.voiced_threshold).to(f0.dtype)
         if noise is None:
@@ -215,9 +242,11 @@ class SineGen(nn.Module):
             # [B, dim, L] buffer; normal_() on such a strided view takes a
             # different (non-vectorized) path than on a contiguous tensor,
             # so draw into the same layout to reproduce its values.
-            noise = torch.empty(b, self.dim, length, device=rng_dev,
-                                dtype=f0.dtype).transpose(1, 2).normal_(
-                                    generator=generator)
+            noise = (
+                torch.empty(b, self.dim, length, device=rng_dev, dtype=f0.dtype)
+                .transpose(1, 2)
+                .normal_(generator=generator)
+            )
         noise = noise.to(f0.device)
         noise_amp = uv * self.noise_std + (1 - uv) * (self.sine_amp / 3)
         return sines * uv + noise_amp * noise, uv
@@ -226,18 +255,33 @@ class SineGen(nn.Module):
 class SourceModuleHnNSF(nn.Module):
     """Merges the harmonic excitations into one source signal (tanh(linear))."""
 
-    def __init__(self, sampling_rate: int, upsample_scale: int,
-                 harmonic_num: int, sine_amp: float, add_noise_std: float,
-                 voiced_threshold: float):
+    def __init__(
+        self,
+        sampling_rate: int,
+        upsample_scale: int,
+        harmonic_num: int,
+        sine_amp: float,
+        add_noise_std: float,
+        voiced_threshold: float,
+    ):
         super().__init__()
-        self.l_sin_gen = SineGen(sampling_rate, upsample_scale, harmonic_num,
-                                 sine_amp, add_noise_std, voiced_threshold)
+        self.l_sin_gen = SineGen(
+            sampling_rate,
+            upsample_scale,
+            harmonic_num,
+            sine_amp,
+            add_noise_std,
+            voiced_threshold,
+        )
         self.l_linear = nn.Linear(harmonic_num + 1, 1)
 
-    def forward(self, f0: torch.Tensor,
-                generator: torch.Generator | None = None,
-                phase_init: torch.Tensor | None = None,
-                noise: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        f0: torch.Tensor,
+        generator: torch.Generator | None = None,
+        phase_init: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         draw = noise is None
         sines, uv = self.l_sin_gen(f0, generator, phase_init, noise)
         if draw:
@@ -258,12 +302,18 @@ class HiFTGenerator(nn.Module):
         if cfg.sampling_rate == 22050:
             raise NotImplementedError(
                 "HiFT with sampling_rate 22050 (CosyVoice 1) uses a different "
-                "sine generator; only the CosyVoice2 variant is implemented")
-        if not (len(cfg.upsample_rates) == len(cfg.upsample_kernel_sizes) ==
-                len(cfg.source_resblock_kernel_sizes) ==
-                len(cfg.source_resblock_dilation_sizes)):
-            raise ValueError("HiFT: upsample_rates, upsample_kernel_sizes and "
-                             "source_resblock_* must have the same length")
+                "sine generator; only the CosyVoice2 variant is implemented"
+            )
+        if not (
+            len(cfg.upsample_rates)
+            == len(cfg.upsample_kernel_sizes)
+            == len(cfg.source_resblock_kernel_sizes)
+            == len(cfg.source_resblock_dilation_sizes)
+        ):
+            raise ValueError(
+                "HiFT: upsample_rates, upsample_kernel_sizes and "
+                "source_resblock_* must have the same length"
+            )
         self.config = cfg
         self.sampling_rate = cfg.sampling_rate
         self.upsample_factor = cfg.upsample_factor
@@ -281,47 +331,55 @@ class HiFTGenerator(nn.Module):
             harmonic_num=cfg.nb_harmonics,
             sine_amp=cfg.nsf_alpha,
             add_noise_std=cfg.nsf_sigma,
-            voiced_threshold=cfg.nsf_voiced_threshold)
+            voiced_threshold=cfg.nsf_voiced_threshold,
+        )
         self.conv_pre = _wn_conv1d(cfg.in_channels, base, 7, 1, padding=3)
         self.ups = nn.ModuleList()
-        for i, (u, k) in enumerate(
-                zip(cfg.upsample_rates, cfg.upsample_kernel_sizes)):
+        for i, (u, k) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes)):
             self.ups.append(
                 weight_norm(
-                    nn.ConvTranspose1d(base // 2**i, base // 2**(i + 1), k, u,
-                                       padding=(k - u) // 2)))
+                    nn.ConvTranspose1d(
+                        base // 2**i, base // 2 ** (i + 1), k, u, padding=(k - u) // 2
+                    )
+                )
+            )
 
         # The excitation's STFT is brought to each stage's frame rate.
         n_stft = self.n_fft + 2
         down_rates = [1] + list(cfg.upsample_rates[::-1][:-1])
-        cum = [math.prod(down_rates[:i + 1]) for i in range(len(down_rates))]
+        cum = [math.prod(down_rates[: i + 1]) for i in range(len(down_rates))]
         self.source_downs = nn.ModuleList()
         self.source_resblocks = nn.ModuleList()
         for i, (u, k, d) in enumerate(
-                zip(cum[::-1], cfg.source_resblock_kernel_sizes,
-                    cfg.source_resblock_dilation_sizes)):
-            ch = base // 2**(i + 1)
+            zip(
+                cum[::-1],
+                cfg.source_resblock_kernel_sizes,
+                cfg.source_resblock_dilation_sizes,
+            )
+        ):
+            ch = base // 2 ** (i + 1)
             if u == 1:
                 self.source_downs.append(nn.Conv1d(n_stft, ch, 1, 1))
             else:
                 self.source_downs.append(
-                    nn.Conv1d(n_stft, ch, u * 2, u, padding=u // 2))
+                    nn.Conv1d(n_stft, ch, u * 2, u, padding=u // 2)
+                )
             self.source_resblocks.append(ResBlock(ch, k, d))
 
         self.resblocks = nn.ModuleList()
         for i in range(self.num_upsamples):
-            ch = base // 2**(i + 1)
-            for k, d in zip(cfg.resblock_kernel_sizes,
-                            cfg.resblock_dilation_sizes):
+            ch = base // 2 ** (i + 1)
+            for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes):
                 self.resblocks.append(ResBlock(ch, k, d))
         self.conv_post = _wn_conv1d(ch, n_stft, 7, 1, padding=3)
-        self.f0_predictor = ConvRNNF0Predictor(cfg.f0_num_class,
-                                               cfg.f0_in_channels,
-                                               cfg.f0_cond_channels)
-        self.register_buffer("stft_window",
-                             torch.hann_window(self.n_fft, periodic=True,
-                                               dtype=torch.float64).float(),
-                             persistent=False)
+        self.f0_predictor = ConvRNNF0Predictor(
+            cfg.f0_num_class, cfg.f0_in_channels, cfg.f0_cond_channels
+        )
+        self.register_buffer(
+            "stft_window",
+            torch.hann_window(self.n_fft, periodic=True, dtype=torch.float64).float(),
+            persistent=False,
+        )
 
     # ------------------------------------------------------------------
     def fold_weight_norm(self) -> None:
@@ -332,22 +390,31 @@ class HiFTGenerator(nn.Module):
         """
         for m in self.modules():
             if parametrize.is_parametrized(m, "weight"):
-                parametrize.remove_parametrizations(m, "weight",
-                                                    leave_parametrized=True)
+                parametrize.remove_parametrizations(
+                    m, "weight", leave_parametrized=True
+                )
 
     def _stft(self, x: torch.Tensor) -> torch.Tensor:
-        spec = torch.stft(x, self.n_fft, self.hop_len, self.n_fft,
-                          window=self.stft_window.to(x.dtype),
-                          return_complex=True)
+        spec = torch.stft(
+            x,
+            self.n_fft,
+            self.hop_len,
+            self.n_fft,
+            window=self.stft_window.to(x.dtype),
+            return_complex=True,
+        )
         return torch.cat([spec.real, spec.imag], dim=1)
 
-    def _istft(self, magnitude: torch.Tensor,
-               phase: torch.Tensor) -> torch.Tensor:
+    def _istft(self, magnitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
         magnitude = magnitude.clamp(max=1e2)
-        spec = torch.complex(magnitude * torch.cos(phase),
-                             magnitude * torch.sin(phase))
-        return torch.istft(spec, self.n_fft, self.hop_len, self.n_fft,
-                           window=self.stft_window.to(magnitude.dtype))
+        spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+        return torch.istft(
+            spec,
+            self.n_fft,
+            self.hop_len,
+            self.n_fft,
+            window=self.stft_window.to(magnitude.dtype),
+        )
 
     def decode(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """mel [B, C, T], source [B, 1, T * upsample] -> waveform [B, L]."""
@@ -372,19 +439,21 @@ class HiFTGenerator(nn.Module):
         wav = self._istft(magnitude, phase)
         return wav.clamp(-self.audio_limit, self.audio_limit)
 
-    def source(self,
-               mel: torch.Tensor,
-               generator: torch.Generator | None = None,
-               phase_init: torch.Tensor | None = None,
-               noise: torch.Tensor | None = None) -> torch.Tensor:
+    def source(
+        self,
+        mel: torch.Tensor,
+        generator: torch.Generator | None = None,
+        phase_init: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The NSF excitation [B, 1, T * upsample] for mel [B, C, T]."""
         f0 = self.f0_predictor(mel)  # [B, T]
         # Same layout as the original ([B, 1, L] viewed as [B, L, 1]), which
         # matters for reproducing its random draws.
-        f0 = F.interpolate(f0[:, None], scale_factor=float(
-            self.upsample_factor), mode="nearest").transpose(1, 2)
-        return self.m_source(f0, generator, phase_init,
-                             noise).transpose(1, 2)
+        f0 = F.interpolate(
+            f0[:, None], scale_factor=float(self.upsample_factor), mode="nearest"
+        ).transpose(1, 2)
+        return self.m_source(f0, generator, phase_init, noise).transpose(1, 2)
 
     @torch.inference_mode()
     def forward(
@@ -404,21 +473,23 @@ class HiFTGenerator(nn.Module):
         s = self.source(mel, generator, phase_init, noise)
         if cache_source is not None and cache_source.shape[2] != 0:
             s = s.clone()
-            s[:, :, :cache_source.shape[2]] = cache_source
+            s[:, :, : cache_source.shape[2]] = cache_source
         return self.decode(mel, s), s
 
     inference = forward
 
 
-def _strip_prefix(state_dict: Mapping[str, torch.Tensor],
-                  prefix: str) -> dict[str, torch.Tensor]:
+def _strip_prefix(
+    state_dict: Mapping[str, torch.Tensor], prefix: str
+) -> dict[str, torch.Tensor]:
     if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix):]: v for k, v in state_dict.items()}
+        return {k[len(prefix) :]: v for k, v in state_dict.items()}
     return dict(state_dict)
 
 
-def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
-                what: str) -> None:
+def load_strict(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str
+) -> None:
     """``load_state_dict(strict=True)`` with a readable error."""
     own = module.state_dict()
     # Legacy weight norm names are converted by torch's load hook; account for
@@ -426,17 +497,19 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
     names = set()
     for k in state_dict:
         if k.endswith(".weight_g"):
-            k = k[:-len("weight_g")] + "parametrizations.weight.original0"
+            k = k[: -len("weight_g")] + "parametrizations.weight.original0"
         elif k.endswith(".weight_v"):
-            k = k[:-len("weight_v")] + "parametrizations.weight.original1"
+            k = k[: -len("weight_v")] + "parametrizations.weight.original1"
         names.add(k)
     missing = sorted(set(own) - names)
     unexpected = sorted(names - set(own))
     bad_shape = sorted(
         f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state_dict.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape))
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    )
     if missing or unexpected or bad_shape:
+
         def _fmt(xs: list[str]) -> str:
             head = ", ".join(xs[:8])
             return head + (f", ... ({len(xs)} in all)" if len(xs) > 8 else "")
@@ -448,14 +521,18 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
             parts.append(f"unexpected keys: {_fmt(unexpected)}")
         if bad_shape:
             parts.append(f"shape mismatches: {_fmt(bad_shape)}")
-        raise ValueError(f"{what}: state dict does not match the model "
-                         "(check the dims from the yaml); " + "; ".join(parts))
+        raise ValueError(
+            f"{what}: state dict does not match the model "
+            "(check the dims from the yaml); " + "; ".join(parts)
+        )
     module.load_state_dict(state_dict, strict=True)
 
 
-def load_hift(state_dict: Mapping[str, torch.Tensor],
-              config: HiFTConfig | None = None,
-              fold_weight_norm: bool = True) -> HiFTGenerator:
+def load_hift(
+    state_dict: Mapping[str, torch.Tensor],
+    config: HiFTConfig | None = None,
+    fold_weight_norm: bool = True,
+) -> HiFTGenerator:
     """Build a :class:`HiFTGenerator` from an original ``hift.pt`` dict."""
     model = HiFTGenerator(config)
     load_strict(model, _strip_prefix(state_dict, "generator."), "hift.pt")

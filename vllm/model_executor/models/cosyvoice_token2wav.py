@@ -26,20 +26,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
-
 from vllm.logger import init_logger
+
 from vllm.model_executor.models.cosyvoice_flow import (
-    CausalMaskedDiffWithXvec, CosyVoiceFlowConfig, load_flow)
-from vllm.model_executor.models.cosyvoice_hift import (HiFTConfig,
-                                                       HiFTGenerator,
-                                                       load_hift)
+    CausalMaskedDiffWithXvec,
+    CosyVoiceFlowConfig,
+    load_flow,
+)
+from vllm.model_executor.models.cosyvoice_hift import (
+    HiFTConfig,
+    HiFTGenerator,
+    load_hift,
+)
 
 logger = init_logger(__name__)
 
 
 # -------------------------------------------------------------- yaml ------
 class _Ref:
-
     def __init__(self, expr: str):
         self.expr = expr
 
@@ -48,8 +52,7 @@ class _TagIgnoringLoader(yaml.SafeLoader):
     """SafeLoader that reads hyperpyyaml tags as plain data."""
 
 
-def _construct_tagged(loader: yaml.SafeLoader, tag_suffix: str,
-                      node: yaml.Node) -> Any:
+def _construct_tagged(loader: yaml.SafeLoader, tag_suffix: str, node: yaml.Node) -> Any:
     if isinstance(node, yaml.MappingNode):
         return loader.construct_mapping(node, deep=True)
     if isinstance(node, yaml.SequenceNode):
@@ -103,8 +106,8 @@ def _resolve(node: Any, root: Mapping[str, Any], depth: int = 0) -> Any:
         if not all(isinstance(v, (int, float)) for v in vals.values()):
             raise ValueError(f"cosyvoice yaml: cannot resolve {expr!r}")
         return _eval_arith(
-            re.sub(r"<([A-Za-z0-9_]+)>", lambda mm: repr(vals[mm.group(1)]),
-                   expr))
+            re.sub(r"<([A-Za-z0-9_]+)>", lambda mm: repr(vals[mm.group(1)]), expr)
+        )
     if isinstance(node, dict):
         return {k: _resolve(v, root, depth) for k, v in node.items()}
     if isinstance(node, list):
@@ -140,12 +143,14 @@ class CosyVoice2Token2Wav(nn.Module):
     """Speech tokens (25 Hz) -> waveform (24 kHz) with CosyVoice2's flow and
     HiFT, offline (:meth:`synthesize`) or streaming (:meth:`stream`)."""
 
-    def __init__(self,
-                 flow: CausalMaskedDiffWithXvec,
-                 hift: HiFTGenerator,
-                 sample_rate: int | None = None,
-                 token_hop_len: int = 25,
-                 mel_cache_len: int = 8):
+    def __init__(
+        self,
+        flow: CausalMaskedDiffWithXvec,
+        hift: HiFTGenerator,
+        sample_rate: int | None = None,
+        token_hop_len: int = 25,
+        mel_cache_len: int = 8,
+    ):
         super().__init__()
         self.flow = flow
         self.hift = hift
@@ -160,52 +165,55 @@ class CosyVoice2Token2Wav(nn.Module):
         self.token_hop_len = token_hop_len
         self.mel_cache_len = mel_cache_len
         self.source_cache_len = mel_cache_len * self.samples_per_mel
-        window = torch.hamming_window(2 * self.source_cache_len,
-                                      periodic=False,
-                                      dtype=torch.float64)
+        window = torch.hamming_window(
+            2 * self.source_cache_len, periodic=False, dtype=torch.float64
+        )
         self.register_buffer("speech_window", window, persistent=False)
 
     @classmethod
-    def from_pretrained(cls,
-                        model_dir: str,
-                        device: str | torch.device = "cpu",
-                        **kwargs: Any) -> "CosyVoice2Token2Wav":
+    def from_pretrained(
+        cls, model_dir: str, device: str | torch.device = "cpu", **kwargs: Any
+    ) -> "CosyVoice2Token2Wav":
         """Load ``flow.pt`` + ``hift.pt`` (+ dims from ``cosyvoice2.yaml``;
         release defaults when the yaml is absent)."""
         if os.path.exists(os.path.join(model_dir, "cosyvoice3.yaml")):
             raise ValueError(
                 f"{model_dir}: CosyVoice3 (DiT flow, causal HiFT) is not "
-                "supported by CosyVoice2Token2Wav")
+                "supported by CosyVoice2Token2Wav"
+            )
         ypath = os.path.join(model_dir, "cosyvoice2.yaml")
         conf: dict[str, Any] = {}
         if os.path.exists(ypath):
             conf = load_cosyvoice_yaml(ypath)
         else:
             logger.warning("%s not found; using CosyVoice2-0.5B dims", ypath)
-        flow_cfg = (CosyVoiceFlowConfig.from_dict(conf["flow"])
-                    if "flow" in conf else CosyVoiceFlowConfig())
-        hift_cfg = (HiFTConfig.from_dict(conf["hift"])
-                    if "hift" in conf else HiFTConfig())
+        flow_cfg = (
+            CosyVoiceFlowConfig.from_dict(conf["flow"])
+            if "flow" in conf
+            else CosyVoiceFlowConfig()
+        )
+        hift_cfg = (
+            HiFTConfig.from_dict(conf["hift"]) if "hift" in conf else HiFTConfig()
+        )
 
         def _load(name: str) -> Mapping[str, torch.Tensor]:
-            return torch.load(os.path.join(model_dir, name),
-                              map_location="cpu",
-                              weights_only=True)
+            return torch.load(
+                os.path.join(model_dir, name), map_location="cpu", weights_only=True
+            )
 
         flow = load_flow(_load("flow.pt"), flow_cfg)
         hift = load_hift(_load("hift.pt"), hift_cfg)
-        model = cls(flow, hift, sample_rate=conf.get("sample_rate"),
-                    **kwargs)
+        model = cls(flow, hift, sample_rate=conf.get("sample_rate"), **kwargs)
         return model.to(device).eval()
 
     # ------------------------------------------------------------------
-    def _fade(self, speech: torch.Tensor,
-              prev: torch.Tensor) -> torch.Tensor:
+    def _fade(self, speech: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         n = self.speech_window.shape[0] // 2
         w = self.speech_window
         out = speech.clone()
-        out[..., :n] = (speech[..., :n].double() * w[:n] +
-                        prev[..., -n:].double() * w[n:]).to(speech.dtype)
+        out[..., :n] = (
+            speech[..., :n].double() * w[:n] + prev[..., -n:].double() * w[n:]
+        ).to(speech.dtype)
         return out
 
     @torch.inference_mode()
@@ -229,9 +237,15 @@ class CosyVoice2Token2Wav(nn.Module):
         with ``finalize=False`` the last ``source_cache_len`` samples are held
         back in the cache for the cross-fade.
         """
-        mel = self.flow(token, prompt_token, prompt_feat, embedding,
-                        streaming=stream, finalize=finalize)
-        mel = mel[:, :, token_offset * self.token_mel_ratio:]
+        mel = self.flow(
+            token,
+            prompt_token,
+            prompt_feat,
+            embedding,
+            streaming=stream,
+            finalize=finalize,
+        )
+        mel = mel[:, :, token_offset * self.token_mel_ratio :]
         cache_source = None
         if cache is not None:
             mel = torch.cat([cache.mel.to(mel), mel], dim=2)
@@ -240,61 +254,66 @@ class CosyVoice2Token2Wav(nn.Module):
             speech, source = self.hift(mel, cache_source, generator=generator)
             if cache is not None:
                 speech = self._fade(speech, cache.speech)
-            new_cache = HiftCache(mel[:, :, -self.mel_cache_len:],
-                                  source[:, :, -self.source_cache_len:],
-                                  speech[:, -self.source_cache_len:])
-            return speech[:, :-self.source_cache_len], new_cache
+            new_cache = HiftCache(
+                mel[:, :, -self.mel_cache_len :],
+                source[:, :, -self.source_cache_len :],
+                speech[:, -self.source_cache_len :],
+            )
+            return speech[:, : -self.source_cache_len], new_cache
         if speed != 1.0:
             if cache is not None:
                 raise ValueError("speed change is only supported offline")
-            mel = F.interpolate(mel, size=int(mel.shape[2] / speed),
-                                mode="linear")
+            mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
         speech, _ = self.hift(mel, cache_source, generator=generator)
         if cache is not None:
             speech = self._fade(speech, cache.speech)
         return speech, None
 
-    def synthesize(self,
-                   token: torch.Tensor,
-                   prompt_token: torch.Tensor,
-                   prompt_feat: torch.Tensor,
-                   embedding: torch.Tensor,
-                   speed: float = 1.0,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+    def synthesize(
+        self,
+        token: torch.Tensor,
+        prompt_token: torch.Tensor,
+        prompt_feat: torch.Tensor,
+        embedding: torch.Tensor,
+        speed: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Offline: all tokens at once -> waveform [1, n]."""
-        speech, _ = self.token2wav(token, prompt_token, prompt_feat,
-                                   embedding, speed=speed,
-                                   generator=generator)
+        speech, _ = self.token2wav(
+            token,
+            prompt_token,
+            prompt_feat,
+            embedding,
+            speed=speed,
+            generator=generator,
+        )
         return speech
 
     @torch.inference_mode()
     def synthesize_batch(
-            self,
-            tokens: list[torch.Tensor],
-            prompt_tokens: list[torch.Tensor],
-            prompt_feats: list[torch.Tensor],
-            embeddings: torch.Tensor,
-            generators: list[torch.Generator | None] | None = None
+        self,
+        tokens: list[torch.Tensor],
+        prompt_tokens: list[torch.Tensor],
+        prompt_feats: list[torch.Tensor],
+        embeddings: torch.Tensor,
+        generators: list[torch.Generator | None] | None = None,
     ) -> list[torch.Tensor]:
         """Offline for several utterances: one batched flow pass, then the
         vocoder per utterance (HiFT is not causal, so it is not padded).
         Each result equals :meth:`synthesize` on that utterance."""
-        mels = self.flow.forward_batch(tokens, prompt_tokens, prompt_feats,
-                                       embeddings)
+        mels = self.flow.forward_batch(tokens, prompt_tokens, prompt_feats, embeddings)
         gens = generators or [None] * len(mels)
-        return [
-            self.hift(mel[None], generator=g)[0]
-            for mel, g in zip(mels, gens)
-        ]
+        return [self.hift(mel[None], generator=g)[0] for mel, g in zip(mels, gens)]
 
-    def stream(self,
-               prompt_token: torch.Tensor,
-               prompt_feat: torch.Tensor,
-               embedding: torch.Tensor,
-               generator: torch.Generator | None = None) -> "Token2WavStream":
+    def stream(
+        self,
+        prompt_token: torch.Tensor,
+        prompt_feat: torch.Tensor,
+        embedding: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> "Token2WavStream":
         """A streaming session; feed tokens with ``push``."""
-        return Token2WavStream(self, prompt_token, prompt_feat, embedding,
-                               generator)
+        return Token2WavStream(self, prompt_token, prompt_feat, embedding, generator)
 
 
 class Token2WavStream:
@@ -305,9 +324,14 @@ class Token2WavStream:
     rest. Concatenating every chunk gives the utterance.
     """
 
-    def __init__(self, model: CosyVoice2Token2Wav, prompt_token: torch.Tensor,
-                 prompt_feat: torch.Tensor, embedding: torch.Tensor,
-                 generator: torch.Generator | None):
+    def __init__(
+        self,
+        model: CosyVoice2Token2Wav,
+        prompt_token: torch.Tensor,
+        prompt_feat: torch.Tensor,
+        embedding: torch.Tensor,
+        generator: torch.Generator | None,
+    ):
         self.model = model
         self.prompt_token = prompt_token
         self.prompt_feat = prompt_feat
@@ -328,10 +352,16 @@ class Token2WavStream:
     def _decode(self, n: int, finalize: bool) -> torch.Tensor:
         token = torch.tensor([self.tokens[:n]], dtype=torch.int32)
         speech, self.cache = self.model.token2wav(
-            token, self.prompt_token, self.prompt_feat, self.embedding,
-            token_offset=self.token_offset, cache=self.cache,
-            stream=not finalize, finalize=finalize,
-            generator=self.generator)
+            token,
+            self.prompt_token,
+            self.prompt_feat,
+            self.embedding,
+            token_offset=self.token_offset,
+            cache=self.cache,
+            stream=not finalize,
+            finalize=finalize,
+            generator=self.generator,
+        )
         return speech
 
     def push(self, tokens: Any = (), final: bool = False) -> list[torch.Tensor]:
@@ -344,8 +374,7 @@ class Token2WavStream:
             hop = self._hop()
             ready = len(self.tokens) - self.token_offset >= hop + look
             if ready:
-                out.append(self._decode(self.token_offset + hop + look,
-                                        finalize=False))
+                out.append(self._decode(self.token_offset + hop + look, finalize=False))
                 self.token_offset += hop
             # Same stop test as the original's loop once the LLM has ended
             # (it uses the hop of the iteration that just ran).
