@@ -88,9 +88,9 @@ def test_decode_worker_batches_concurrent_requests():
     class SlowDecoder(ToneDecoder):
         gate = threading.Event()
 
-        def decode(self, frames):
+        def decode(self, frames, voices=None):
             self.gate.wait(5)  # hold the first call so the rest queue up
-            return super().decode(frames)
+            return super().decode(frames, voices)
 
     dec = SlowDecoder(None)
     worker = DecodeWorker(dec, max_batch=16)
@@ -109,7 +109,7 @@ def test_decode_worker_batches_concurrent_requests():
     assert len(dec.calls) < len(jobs) and max(dec.calls) > 1, dec.calls
 
     class Broken(ToneDecoder):
-        def decode(self, frames):
+        def decode(self, frames, voices=None):
             raise RuntimeError("codec exploded")
 
     bw = DecodeWorker(Broken(None))

@@ -46,7 +46,7 @@ class ToneDecoder:
     def _frame(self, token_id: int, n: np.ndarray) -> np.ndarray:
         return 0.3 * np.sin(2 * np.pi * token_frequency(token_id) * n / SAMPLE_RATE)
 
-    def decode(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+    def decode(self, frames: list[np.ndarray], voices=None) -> list[np.ndarray]:
         self.calls.append(len(frames))
         out = []
         n = np.arange(SAMPLES_PER_FRAME, dtype=np.float64)
@@ -64,10 +64,10 @@ class ToneDecoder:
             out.append(audio.astype(np.float32))
         return out
 
-    def open_stream(self):
+    def open_stream(self, voice=None):
         from vllm.entrypoints.text_to_speech.serving import LeftContextStream
 
-        return LeftContextStream(self)
+        return LeftContextStream(self, voice)
 
     def encode_reference(self, audio: np.ndarray, sample_rate: int,
                          ref_text: str) -> VoicePrompt:

@@ -130,7 +130,8 @@ class SpeechSynthesizer:
                   for o in outputs]
         with torch.inference_mode():
             nonempty = [f for f in frames if len(f)]
-            decoded = iter(self.decoder.decode(nonempty) if nonempty else [])
+            voices = [voice] * len(nonempty)
+            decoded = iter(self.decoder.decode(nonempty, voices) if nonempty else [])
         results = []
         for text, f in zip(texts, frames):
             audio = np.asarray(next(decoded), np.float32) if len(f) \

@@ -82,10 +82,11 @@ class DecodeWorker:
             target=self._loop, name="speech-decode", daemon=True)
         self._thread.start()
 
-    async def decode(self, frames: np.ndarray) -> np.ndarray:
+    async def decode(self, frames: np.ndarray,
+                     voice: VoicePrompt | None = None) -> np.ndarray:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._jobs.put(("decode", frames, fut, loop))
+        self._jobs.put(("decode", (frames, voice), fut, loop))
         return await fut
 
     async def call(self, fn: Callable[[], Any]) -> Any:
@@ -155,7 +156,8 @@ class DecodeWorker:
     def _run_batch(self, batch) -> None:
         try:
             with torch.inference_mode():
-                outs = self.decoder.decode([j[1] for j in batch])
+                outs = self.decoder.decode([j[1][0] for j in batch],
+                                           [j[1][1] for j in batch])
             for (_, _, fut, loop), audio in zip(batch, outs):
                 self._resolve(fut, loop, value=np.asarray(audio, dtype=np.float32))
         except Exception as e:  # noqa: BLE001
@@ -169,8 +171,10 @@ class LeftContextStream:
     receptive field: each chunk is decoded together with the decoder's
     ``stream_left_context`` previous frames, whose audio is dropped."""
 
-    def __init__(self, decoder: Any, left_context: int | None = None):
+    def __init__(self, decoder: Any, voice: VoicePrompt | None = None,
+                 left_context: int | None = None):
         self.decoder = decoder
+        self.voice = voice
         self.context = decoder.stream_left_context if left_context is None \
             else left_context
         self.history: np.ndarray | None = None
@@ -178,7 +182,7 @@ class LeftContextStream:
     def decode(self, frames: np.ndarray) -> np.ndarray:
         ctx = self.history[-self.context:] if (
             self.history is not None and self.context > 0) else frames[:0]
-        audio = self.decoder.decode([np.concatenate([ctx, frames])])[0]
+        audio = self.decoder.decode([np.concatenate([ctx, frames])], [self.voice])[0]
         self.history = frames if self.history is None else \
             np.concatenate([self.history, frames])[-max(self.context, 1):]
         return audio[len(ctx) * self.decoder.samples_per_frame:]
@@ -380,7 +384,7 @@ class OpenAIServingSpeech(GenerateBaseServing):
             if len(frames) == 0:
                 audio = np.zeros(0, np.float32)
             else:
-                audio = await self.worker.decode(frames)
+                audio = await self.worker.decode(frames, prepared.params.voice)
             audio = change_tempo(audio, prepared.speed, self.tts_config.sample_rate)
             elapsed = time.monotonic() - t0
             metrics.observe_request(elapsed, elapsed,
@@ -402,7 +406,7 @@ class OpenAIServingSpeech(GenerateBaseServing):
         first_audio_s: float | None = None
         sent_frames = 0
         total_samples = 0
-        session = await self.worker.call(self.decoder.open_stream)
+        session = await self.worker.call(lambda: self.decoder.open_stream(p.params.voice))
 
         def emit(audio: np.ndarray) -> bytes:
             if stream_format == "sse":

@@ -1570,7 +1570,9 @@ class FishCodecSpeechDecoder:
         return torch.from_numpy(np.ascontiguousarray(frames.T)).long()
 
     @torch.inference_mode()
-    def decode(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+    def decode(self, frames: list[np.ndarray], voices: list | None = None
+               ) -> list[np.ndarray]:
+        """``voices`` is unused: the Fish codecs need no per-voice state."""
         codes = [self._codes(f) for f in frames]
         lengths = [c.shape[1] for c in codes]
         batch = torch.zeros(len(codes), self.num_codebooks, max(lengths),
@@ -1580,7 +1582,7 @@ class FishCodecSpeechDecoder:
         audio = self.codec.decode(batch)[:, 0].float().cpu().numpy()
         return [audio[i, : n * self.samples_per_frame] for i, n in enumerate(lengths)]
 
-    def open_stream(self) -> "_FishCodecStream":
+    def open_stream(self, voice=None) -> "_FishCodecStream":
         return _FishCodecStream(self)
 
     @torch.inference_mode()
