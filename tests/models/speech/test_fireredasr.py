@@ -89,6 +89,17 @@ class Reference:
         return ids, self.tok.detokenize(ids)
 
     @torch.no_grad()
+    def greedy_array(self, samples: np.ndarray, sr: int = SR):
+        """Greedy run on int16-scale samples, through the original's own
+        fbank and CMVN classes (``ASRFeatExtractor`` minus the file reading)."""
+        fbank = self.feat.cmvn(self.feat.fbank((sr, samples)))
+        feats = torch.from_numpy(fbank).float()[None]
+        lengths = torch.tensor([feats.size(1)])
+        hyps = self.model.transcribe(feats, lengths, 1, 1, 0, 1.0, 0.0, 1.0)
+        ids = [int(i) for i in hyps[0][0]["yseq"]]
+        return ids, self.tok.detokenize(ids)
+
+    @torch.no_grad()
     def step_logprobs(self, wav: Path, ids: list[int]) -> torch.Tensor:
         """log_softmax of the decoder at every step of the hypothesis ``ids``
         (teacher forced over [sos] + ids; causal, so equal to the step-wise
@@ -277,3 +288,170 @@ def test_max_tokens_matches_decode_max_len(aed_llm, ref, wavs):
     )
     assert list(out[0].outputs[0].token_ids) == want_ids
     assert out[0].outputs[0].text.strip() == want_text
+
+
+# ---------------------------------------------------------------------------
+# /v1/audio/transcriptions with the official openai client
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def aed_server(aed_ckpt, tmp_path_factory):
+    import openai
+    from demo import serve
+
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    args = [
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "2048",
+        "--max-num-seqs",
+        "4",
+        "--kv-cache-memory-bytes",
+        str(64 << 20),
+    ]
+    with serve(aed_ckpt, args, log_path=log) as base:
+        yield openai.OpenAI(base_url=base + "/v1", api_key="EMPTY", max_retries=0)
+
+
+def encode(samples: np.ndarray, sr: int, fmt: str = "WAV", subtype: str = "PCM_16"):
+    import io
+
+    buf = io.BytesIO()
+    sf.write(buf, samples, sr, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def transcribe(client, name: str, data: bytes, fmt: str = "json", **kw):
+    return client.audio.transcriptions.create(
+        model=client.models.list().data[0].id,
+        file=(name, data),
+        response_format=fmt,
+        **kw,
+    )
+
+
+def test_api_json_and_text(aed_server, ref, wavs):
+    import json
+
+    for wav in wavs:
+        _, want = ref.greedy(wav)
+        data = wav.read_bytes()
+        assert transcribe(aed_server, wav.name, data).text == want
+        # vLLM answers response_format=text with its JSON body (as for Whisper)
+        body = transcribe(aed_server, wav.name, data, fmt="text")
+        assert json.loads(body)["text"] == want
+
+
+def test_api_verbose_json_segment(aed_server, ref, wavs):
+    wav = wavs[1]
+    want_ids, want = ref.greedy(wav)
+    r = transcribe(aed_server, wav.name, wav.read_bytes(), fmt="verbose_json")
+    dur = sf.info(wav).frames / SR
+    assert r.text == want
+    assert float(r.duration) == pytest.approx(dur)
+    assert len(r.segments) == 1
+    seg = r.segments[0]
+    assert (seg.id, seg.start, seg.seek) == (0, 0.0, 0)
+    assert seg.end == pytest.approx(dur)
+    assert seg.text == want and list(seg.tokens) == want_ids
+    assert seg.avg_logprob < 0
+
+
+def test_api_output_bounded_like_original(aed_server, ref):
+    """A pure tone gets no <eos> from the random model: the original stops at
+    one token per encoder frame, and so does the server (not max_model_len)."""
+    t = np.arange(2 * SR) / SR
+    tone = (0.3 * 32767 * np.sin(2 * np.pi * 300 * t)).astype(np.int16)
+    want_ids, want = ref.greedy_array(tone.astype(np.float64))
+    r = transcribe(aed_server, "tone.wav", encode(tone, SR), fmt="verbose_json")
+    assert want_ids[-1] != ref.model.eos_id and len(want_ids) == 50
+    assert list(r.segments[0].tokens) == want_ids
+    assert r.text == want
+
+
+def test_api_long_audio_split_and_stitched(aed_server, ref):
+    """76 s > the AED's 60 s limit: split at the quiet part near 60 s, each
+    chunk transcribed as the original would, texts joined in order."""
+    from vllm.multimodal.audio import split_audio
+
+    audio = np.concatenate(
+        [
+            make_audio(59.3, 7),
+            np.zeros(int(0.5 * SR), np.int16),
+            make_audio(16.2, 8),
+        ]
+    )
+    x = audio.astype(np.float32) / 32768.0
+    chunks = split_audio(
+        x, SR, max_clip_duration_s=60, overlap_duration_s=1, min_energy_window_size=1600
+    )
+    assert len(chunks) == 2 and 59.3 * SR <= len(chunks[0]) <= 59.8 * SR
+    wants = [ref.greedy_array(c.astype(np.float64) * 32768.0) for c in chunks]
+
+    data = encode(audio, SR)
+    for lang, sep in [(None, " "), ("zh", "")]:
+        kw = {"language": lang} if lang else {}
+        r = transcribe(aed_server, "long.wav", data, fmt="verbose_json", **kw)
+        assert [s.text for s in r.segments] == [w[1] for w in wants]
+        assert [list(s.tokens) for s in r.segments] == [w[0] for w in wants]
+        assert r.text == sep.join(w[1] for w in wants)
+        b = len(chunks[0]) / SR
+        assert [(s.start, s.end) for s in r.segments] == [
+            (0.0, pytest.approx(b)),
+            (pytest.approx(b), pytest.approx(len(audio) / SR)),
+        ]
+        assert transcribe(aed_server, "long.wav", data, **kw).text == r.text
+
+
+@pytest.mark.parametrize(
+    "sr,fmt,subtype,channels",
+    [
+        (16000, "FLAC", "PCM_16", 1),
+        (8000, "WAV", "PCM_16", 1),
+        (44100, "FLAC", "PCM_24", 1),
+        (22050, "OGG", "VORBIS", 1),
+        (16000, "WAV", "FLOAT", 2),
+    ],
+)
+def test_api_sample_rates_and_formats(aed_server, ref, sr, fmt, subtype, channels):
+    """Any rate/format the server decodes is resampled to 16 kHz mono; the
+    transcript equals the original's on that 16 kHz signal."""
+    import io
+
+    from vllm.multimodal.media.audio import load_audio
+
+    base = make_audio(3.0, 11).astype(np.float32) / 32768.0
+    n = int(len(base) * sr / SR)
+    x = np.interp(np.arange(n) * SR / sr, np.arange(len(base)), base).astype(np.float32)
+    if channels == 2:
+        x = np.stack([x, 0.5 * x], axis=1)
+    data = encode(x, sr, fmt, subtype)
+    y, y_sr = load_audio(io.BytesIO(data), sr=SR)
+    assert y_sr == SR and y.ndim == 1
+    _, want = ref.greedy_array(y.astype(np.float64) * 32768.0)
+    assert transcribe(aed_server, f"a.{fmt.lower()}", data).text == want
+
+
+@pytest.mark.parametrize(
+    "name,data",
+    [
+        ("garbage.wav", b"this is not audio" * 64),
+        ("empty.wav", b""),
+        ("truncated.wav", encode(make_audio(1.0, 0), SR)[:40]),
+        ("short.wav", encode(make_audio(0.01, 0), SR)),
+    ],
+)
+def test_api_bad_audio_is_4xx(aed_server, wavs, ref, name, data):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        transcribe(aed_server, name, data)
+    assert 400 <= e.value.status_code < 500
+    # the server is still serving
+    assert (
+        transcribe(aed_server, wavs[0].name, wavs[0].read_bytes()).text
+        == ref.greedy(wavs[0])[1]
+    )

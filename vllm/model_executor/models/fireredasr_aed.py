@@ -65,6 +65,19 @@ def fireredasr_encoder_length(num_frames: int) -> int:
     return (half + 1) // 2
 
 
+def fbank_num_frames(num_samples: int) -> int:
+    """Kaldi fbank frames (25 ms window, 10 ms shift, snip_edges) at 16 kHz."""
+    win, hop = 400, 160
+    return 0 if num_samples < win else 1 + (num_samples - win) // hop
+
+
+def fireredasr_padded_encoder_length(num_frames: int) -> int:
+    """Encoder output length (masked frames included) for ``num_frames``:
+    two Conv2d(3, stride 2) over the input padded by 6 frames."""
+    t = (num_frames + 6 - 3) // 2 + 1
+    return max(0, (t - 3) // 2 + 1)
+
+
 def build_feature_extractor(
     model_dir: str | Path, max_audio_s: float, downsample_rate: int = 1
 ) -> FireRedASR2FeatureExtractor:
@@ -139,6 +152,14 @@ class FireRedASRAEDMultiModalProcessor(FireRedLIDMultiModalProcessor):
         audios = mm_data.get("audios") or mm_data.get("audio")
         if audios:
             fe = self.info.get_feature_extractor()
+            min_samples = fe.frame_length * fe.sampling_rate // 1000
+            for audio in audios:
+                if len(audio) < min_samples:
+                    # No fbank frame: the Conformer front end cannot run.
+                    raise ValueError(
+                        f"Audio too short: {len(audio)} samples; FireRedASR "
+                        f"needs at least {min_samples} ({fe.frame_length} ms)."
+                    )
             outputs.update(extract_features(fe, list(audios)))
         return outputs
 
@@ -153,6 +174,8 @@ class FireRedASRAEDForConditionalGeneration(FireRedLIDForConditionalGeneration):
 
     supports_transcription_only = True
     supports_segment_timestamp = False
+    # No timestamp tokens: verbose_json gets one segment per audio chunk.
+    supports_chunk_segments = True
     # Mandarin (and Chinese dialects) and English.
     supported_languages = {"zh": "Chinese", "en": "English"}
 
@@ -217,6 +240,17 @@ class FireRedASRAEDForConditionalGeneration(FireRedLIDForConditionalGeneration):
     ) -> int | None:
         frames = int(audio_duration_s / _FRAME_SHIFT_S)
         return fireredasr_encoder_length(frames)
+
+    @classmethod
+    def get_max_output_tokens(
+        cls,
+        num_samples: int,
+        stt_config: SpeechToTextConfig,
+        model_config: ModelConfig,
+    ) -> int | None:
+        # The original decodes at most one token per encoder frame (its
+        # ``maxlen`` is the padded encoder length).
+        return fireredasr_padded_encoder_length(fbank_num_frames(num_samples))
 
     @classmethod
     def post_process_output(cls, text: str) -> str:
