@@ -2,14 +2,17 @@
 # SPDX-License-Identifier: Apache-2.0
 """The README's main job, on the embedded demo checkpoint.
 
-Starts vLLM's OpenAI-compatible server (the patched build) on a tiny random
-checkpoint made by tools/make_demo_checkpoint.py, asks it for a completion
-through the official `openai` client, and writes the result to demo-out/.
+Starts vLLM's OpenAI-compatible server (the patched build) on embedded demo
+checkpoints (tiny, random weights, in each model's original release format)
+and calls it with the official `openai` client:
+
+1. a text completion on a tiny Qwen2 (tools/make_demo_checkpoint.py);
+2. FireRedASR-AED (tools/make_fireredasr_checkpoint.py) transcribing a WAV
+   through /v1/audio/transcriptions (random weights: the text is noise).
 
     .venv/bin/python tools/demo.py [--out demo-out]
 
-Until the TTS/ASR models land this is a small generation through the patched
-engine; the speech demo replaces it (synthesize a WAV, transcribe it).
+Results: demo-out/completion.json, demo-out/transcript.json, server logs.
 """
 
 from __future__ import annotations
@@ -86,31 +89,75 @@ def serve(model: Path, extra_args: list[str] = (), timeout: float = 300.0,
         log.close()
 
 
+def transcribe_demo(out: Path, wav: Path) -> dict:
+    """Serve the embedded FireRedASR-AED demo checkpoint and transcribe
+    `wav` through /v1/audio/transcriptions with the openai client."""
+    from make_fireredasr_checkpoint import make_aed
+    from openai import OpenAI
+
+    ckpt = make_aed(ROOT / "build" / "demo" / "FireRedASR-AED-L")
+    t0 = time.monotonic()
+    with serve(ckpt, ["--dtype", "float32", "--enforce-eager",
+                      "--max-model-len", "2048", "--max-num-seqs", "4",
+                      "--kv-cache-memory-bytes", str(64 << 20)],
+               log_path=out / "asr-server.log") as base:
+        ready = time.monotonic() - t0
+        client = OpenAI(base_url=base + "/v1", api_key="EMPTY")
+        model = client.models.list().data[0].id
+        with open(wav, "rb") as f:
+            res = client.audio.transcriptions.create(
+                model=model, file=(wav.name, f.read()), response_format="verbose_json")
+    result = {"model": model, "audio": str(wav), "text": res.text,
+              "duration_s": res.duration, "server_ready_s": round(ready, 1)}
+    (out / "transcript.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    return result
+
+
+def completion_demo(out: Path, prompt: str) -> dict:
+    from make_demo_checkpoint import make_checkpoint
+    from openai import OpenAI
+
+    ckpt = make_checkpoint(ROOT / "build" / "demo" / "qwen2-tiny")
+    t0 = time.monotonic()
+    with serve(ckpt, ["--dtype", "float32", "--max-model-len", "512",
+                      "--kv-cache-memory-bytes", str(256 << 20),
+                      "--max-num-seqs", "8"], log_path=out / "server.log") as base:
+        ready = time.monotonic() - t0
+        client = OpenAI(base_url=base + "/v1", api_key="EMPTY")
+        model = client.models.list().data[0].id
+        res = client.completions.create(model=model, prompt=prompt,
+                                        max_tokens=16, temperature=0.0)
+    result = {"model": model, "prompt": prompt, "completion": res.choices[0].text,
+              "completion_tokens": res.usage.completion_tokens,
+              "server_ready_s": round(ready, 1)}
+    (out / "completion.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=ROOT / "demo-out")
     ap.add_argument("--prompt", default="The quick brown fox")
     a = ap.parse_args()
-    from make_demo_checkpoint import make_checkpoint
-    from openai import OpenAI
-
     a.out.mkdir(parents=True, exist_ok=True)
-    ckpt = make_checkpoint(ROOT / "build" / "demo" / "qwen2-tiny")
-    t0 = time.monotonic()
-    with serve(ckpt, ["--dtype", "float32", "--max-model-len", "512",
-                      "--kv-cache-memory-bytes", str(256 << 20),
-                      "--max-num-seqs", "8"], log_path=a.out / "server.log") as base:
-        ready = time.monotonic() - t0
-        client = OpenAI(base_url=base + "/v1", api_key="EMPTY")
-        model = client.models.list().data[0].id
-        res = client.completions.create(model=model, prompt=a.prompt,
-                                        max_tokens=16, temperature=0.0)
-    text = res.choices[0].text
-    result = {"model": model, "prompt": a.prompt, "completion": text,
-              "completion_tokens": res.usage.completion_tokens,
-              "server_ready_s": round(ready, 1)}
-    (a.out / "completion.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    print(json.dumps(completion_demo(a.out, a.prompt), indent=2))
+    # Speech recognition of a WAV through /v1/audio/transcriptions.
+    wav = a.out / "input.wav"
+    write_demo_wav(wav)
+    print(json.dumps(transcribe_demo(a.out, wav), indent=2, ensure_ascii=False))
+
+
+def write_demo_wav(path: Path, seconds: float = 3.0, sr: int = 24000) -> None:
+    """A deterministic speech-like test signal (voiced chirps with pauses)."""
+    import numpy as np
+    import soundfile
+
+    t = np.arange(int(seconds * sr)) / sr
+    f0 = 120 + 60 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    voice = sum(np.sin(k * phase) / k for k in range(1, 8))
+    envelope = (np.sin(2 * np.pi * 2.0 * t) > -0.3).astype(float)
+    soundfile.write(path, (0.2 * voice * envelope).astype(np.float32), sr)
 
 
 if __name__ == "__main__":
