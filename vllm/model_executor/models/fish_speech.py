@@ -1,0 +1,825 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""Fish Speech dual-AR text-to-semantic LM (fish-speech 1.5, OpenAudio S1
+family, Fish Audio S2-Pro), loaded from the original release directories.
+
+Per step the *slow* transformer (vLLM layers, paged KV cache) predicts one
+main token over the whole vocabulary; for a semantic token ``<|semantic:c0|>``
+codebook 0 is ``c0``. The *fast* transformer (a few plain torch layers, at
+most ``num_codebooks`` positions, its KV cache rebuilt every frame) then
+predicts codebooks ``1..N-1`` from the slow hidden state. Both run for the
+whole batch inside ``sample_codebooks`` (``SupportsMultiCodebook``), which
+replaces vLLM's sampler with each family's own sampling:
+
+* 1.5 / S1: windowed repetition penalty (16 recent frames, taken from a
+  zero-initialised window that starts after the first generated frame; the
+  first frame has no penalty), top-p on the *untempered* softmax, then the
+  temperature; S1 penalises the slow token with window *column* 0 (one frame
+  across all codebook rows) and restricts residual codes to the first 1024
+  entries, as the original ``decode_one_token_ar``; 1.5 uses window row 0.
+  S1 casts temperature / top-p / penalty to bf16 before use (``generate``);
+  so does this sampler.
+* S2: only semantic tokens and ``<|im_end|>`` for the slow token, top-k and
+  top-p, no repetition penalty, and repetition-aware resampling (RAS) of a
+  semantic token seen in the last 10 frames.
+
+Faithful details: interleaved (GPT-J) RoPE with the cos/sin table rounded to
+bf16 as the original stores it; per-head q/k RMSNorm before RoPE (S1/S2);
+codebook embeddings summed at semantic positions and scaled by
+``1/sqrt(N+1)`` when ``scale_codebook_embeddings``; the fast transformer
+reads the pre-final-norm hidden state (1.5/S1) or the normed one (S2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.logger import init_logger
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.sequence import IntermediateTensors
+
+if TYPE_CHECKING:
+    from vllm.config import ModelConfig
+    from vllm.v1.sample.metadata import SamplingMetadata
+
+logger = init_logger(__name__)
+
+_SAMPLING_EPS = 1e-5
+# fish-speech S1/1.5 `decode_n_tokens`: win_size = 16 (see codebook_history_window)
+_FISH_WINDOW = 16
+# S2 repetition-aware sampling window
+_S2_RAS_WINDOW = 10
+# S1 limits residual codebooks (1..N-1) to the first 1024 codes
+_S1_RESIDUAL_CODES = 1024
+
+
+class FishRotaryEmbedding(RotaryEmbedding):
+    """Interleaved (GPT-J style) RoPE whose cos/sin table is rounded to bf16,
+    as fish-speech's ``precompute_freqs_cis`` stores it."""
+
+    def _compute_cos_sin_cache(self) -> torch.Tensor:
+        return super()._compute_cos_sin_cache().to(torch.bfloat16).float()
+
+
+def fish_rope_table(seq_len: int, head_dim: int, base: float) -> torch.Tensor:
+    """[seq_len, head_dim//2, 2] (cos, sin), bf16-rounded, in fp32."""
+    freqs = 1.0 / (
+        base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim)
+    )
+    t = torch.arange(seq_len, dtype=torch.float)
+    ang = torch.outer(t, freqs)
+    return torch.stack([ang.cos(), ang.sin()], -1).to(torch.bfloat16).float()
+
+
+def apply_interleaved_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """x [B, L, H, D]; table [L, D//2, 2]. fp32 math, cast back."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    t = table[None, :, None]
+    out = torch.stack(
+        [
+            xs[..., 0] * t[..., 0] - xs[..., 1] * t[..., 1],
+            xs[..., 1] * t[..., 0] + xs[..., 0] * t[..., 1],
+        ],
+        -1,
+    )
+    return out.flatten(3).type_as(x)
+
+
+# --------------------------------------------------------------------------
+# Slow transformer (vLLM layers)
+# --------------------------------------------------------------------------
+
+
+class FishAttention(nn.Module):
+    def __init__(
+        self,
+        config,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+    ) -> None:
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        self.total_num_heads = config.n_head
+        self.total_num_kv_heads = config.n_local_heads
+        assert self.total_num_heads % tp == 0
+        self.num_heads = self.total_num_heads // tp
+        self.num_kv_heads = max(1, self.total_num_kv_heads // tp)
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.wqkv = QKVParallelLinear(
+            config.dim,
+            self.head_dim,
+            self.total_num_heads,
+            self.total_num_kv_heads,
+            bias=config.attention_qkv_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.wqkv",
+        )
+        self.wo = RowParallelLinear(
+            self.total_num_heads * self.head_dim,
+            config.dim,
+            bias=bool(getattr(config, "attention_o_bias", False)),
+            quant_config=quant_config,
+            prefix=f"{prefix}.wo",
+        )
+        self.qk_norm = bool(getattr(config, "attention_qk_norm", False))
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.norm_eps)
+        self.rotary_emb = FishRotaryEmbedding(
+            self.head_dim,
+            self.head_dim,
+            config.max_seq_len,
+            float(config.rope_base),
+            False,  # interleaved pairs (2j, 2j+1), not NeoX halves
+            torch.get_default_dtype(),
+        )
+        self.attn = Attention(
+            self.num_heads,
+            self.head_dim,
+            self.head_dim**-0.5,
+            num_kv_heads=self.num_kv_heads,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            prefix=f"{prefix}.attn",
+        )
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.wqkv(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm:
+            q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim)).view(
+                k.shape
+            )
+        q, k = self.rotary_emb(positions, q, k)
+        out, _ = self.wo(self.attn(q, k, v))
+        return out
+
+
+class FishFeedForward(nn.Module):
+    def __init__(self, config, quant_config, prefix: str) -> None:
+        super().__init__()
+        self.w13 = MergedColumnParallelLinear(
+            config.dim,
+            [config.intermediate_size] * 2,
+            bias=False,
+            quant_config=quant_config,
+            prefix=f"{prefix}.w13",
+        )
+        self.w2 = RowParallelLinear(
+            config.intermediate_size,
+            config.dim,
+            bias=False,
+            quant_config=quant_config,
+            prefix=f"{prefix}.w2",
+        )
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.w13(x)
+        out, _ = self.w2(self.act(h))
+        return out
+
+
+class FishBlock(nn.Module):
+    def __init__(self, config, cache_config, quant_config, prefix: str) -> None:
+        super().__init__()
+        self.attention = FishAttention(
+            config, cache_config, quant_config, f"{prefix}.attention"
+        )
+        self.feed_forward = FishFeedForward(
+            config, quant_config, f"{prefix}.feed_forward"
+        )
+        self.attention_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = x
+            x = self.attention_norm(x)
+        else:
+            x, residual = self.attention_norm(x, residual)
+        x = self.attention(positions, x)
+        x, residual = self.ffn_norm(x, residual)
+        return self.feed_forward(x), residual
+
+
+@support_torch_compile
+class FishSlowTransformer(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        cache_config = vllm_config.cache_config
+        quant_config = vllm_config.quant_config
+        self.config = config
+        self.embeddings = VocabParallelEmbedding(config.vocab_size, config.dim)
+        self.codebook_embeddings = VocabParallelEmbedding(
+            config.codebook_size * config.num_codebooks, config.dim
+        )
+        self.layers = nn.ModuleList(
+            FishBlock(config, cache_config, quant_config, f"{prefix}.layers.{i}")
+            for i in range(config.n_layer)
+        )
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+    ) -> torch.Tensor:
+        x = inputs_embeds
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual)
+        # Pre-final-norm hidden states: compute_logits applies `norm`
+        return x + residual
+
+
+# --------------------------------------------------------------------------
+# Fast transformer (plain torch, <= num_codebooks positions)
+# --------------------------------------------------------------------------
+
+
+class _FastRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+class _FastAttention(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.n_head = config.fast_n_head
+        self.n_kv = config.fast_n_local_heads
+        self.head_dim = config.fast_head_dim
+        total = (self.n_head + 2 * self.n_kv) * self.head_dim
+        self.wqkv = nn.Linear(
+            config.fast_dim, total, bias=bool(config.fast_attention_qkv_bias)
+        )
+        self.wo = nn.Linear(
+            self.n_head * self.head_dim,
+            config.fast_dim,
+            bias=bool(config.fast_attention_o_bias),
+        )
+        self.qk_norm = bool(config.fast_attention_qk_norm)
+        if self.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, config.norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        start: int,
+        table: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        b, seqlen, _ = x.shape
+        qs, kvs = self.n_head * self.head_dim, self.n_kv * self.head_dim
+        q, k, v = self.wqkv(x).split([qs, kvs, kvs], dim=-1)
+        q = q.view(b, seqlen, self.n_head, self.head_dim)
+        k = k.view(b, seqlen, self.n_kv, self.head_dim)
+        v = v.view(b, seqlen, self.n_kv, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        tab = table[start : start + seqlen]
+        q = apply_interleaved_rope(q, tab).transpose(1, 2)
+        k = apply_interleaved_rope(k, tab).transpose(1, 2)
+        k_cache, v_cache = cache
+        end = start + seqlen
+        k_cache[:, :, start:end] = k
+        v_cache[:, :, start:end] = v
+        rep = self.n_head // self.n_kv
+        keys = k_cache[:, :, :end].repeat_interleave(rep, dim=1)
+        vals = v_cache[:, :, :end].repeat_interleave(rep, dim=1)
+        scores = q @ keys.transpose(-2, -1) * (1.0 / math.sqrt(self.head_dim))
+        if seqlen > 1:
+            qpos = torch.arange(start, end, device=x.device)[:, None]
+            kpos = torch.arange(end, device=x.device)[None, :]
+            scores = scores.masked_fill(kpos > qpos, float("-inf"))
+        y = torch.softmax(scores, dim=-1) @ vals
+        return self.wo(y.transpose(1, 2).reshape(b, seqlen, qs))
+
+
+class _FastFeedForward(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        d, h = config.fast_dim, config.fast_intermediate_size
+        self.w1 = nn.Linear(d, h, bias=False)
+        self.w3 = nn.Linear(d, h, bias=False)
+        self.w2 = nn.Linear(h, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class _FastBlock(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.attention = _FastAttention(config)
+        self.feed_forward = _FastFeedForward(config)
+        self.attention_norm = _FastRMSNorm(config.fast_dim, config.norm_eps)
+        self.ffn_norm = _FastRMSNorm(config.fast_dim, config.norm_eps)
+
+    def forward(self, x, start, table, cache):
+        h = x + self.attention(self.attention_norm(x), start, table, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# --------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------
+
+
+def _exp_noise(
+    like: torch.Tensor, generators: dict[int, torch.Generator]
+) -> torch.Tensor:
+    q = torch.empty_like(like).exponential_(1)
+    for i, g in generators.items():
+        if i < q.shape[0]:
+            q[i].exponential_(1, generator=g)
+    return q
+
+
+def _fish_sample(
+    logits: torch.Tensor,
+    greedy: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    penalty: torch.Tensor,
+    prev: torch.Tensor | None,
+    generators: dict[int, torch.Generator],
+) -> torch.Tensor:
+    """fish-speech ``logits_to_probs`` + ``multinomial_sample_one_no_sync``
+    for a batch: logits [R, V] (fp32, modified), per-row params [R], prev
+    [R, P] ids to penalise (each unique id once). Greedy rows: argmax after
+    the penalty (what a vanishing top-p gives in the original)."""
+    if prev is not None:
+        prev = prev.long()
+        score = torch.gather(logits, 1, prev)
+        rp = penalty[:, None]
+        score = torch.where(score < 0, score * rp, score / rp)
+        logits = logits.scatter(1, prev, score)
+    out = logits.argmax(dim=-1)
+    if bool(greedy.all()):
+        return out
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+    cum = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
+    remove = cum > top_p[:, None]
+    remove[:, 0] = False
+    remove = remove.scatter(1, sorted_idx, remove)
+    logits = logits.masked_fill(remove, float("-inf"))
+    logits = logits / torch.clamp(temperature, min=_SAMPLING_EPS)[:, None]
+    probs = torch.softmax(logits, dim=-1)
+    sampled = torch.argmax(probs / _exp_noise(probs, generators), dim=-1)
+    return torch.where(greedy, out, sampled)
+
+
+def _s2_sample(
+    logits: torch.Tensor,
+    greedy: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor | None,
+    generators: dict[int, torch.Generator],
+) -> torch.Tensor:
+    """Temperature, top-k, top-p (top token always kept), then a draw."""
+    out = logits.argmax(dim=-1)
+    if bool(greedy.all()):
+        return out
+    logits = logits / torch.clamp(temperature, min=_SAMPLING_EPS)[:, None]
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+    remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if top_k is not None:
+        ranks = torch.arange(logits.shape[-1], device=logits.device)[None]
+        remove |= ranks >= top_k.clamp(min=1)[:, None]
+    masked = sorted_logits.masked_fill(remove, float("-inf"))
+    cum = torch.cumsum(torch.softmax(masked, dim=-1), dim=-1)
+    remove |= (cum - torch.softmax(masked, dim=-1)) > top_p[:, None]
+    remove[:, 0] = False
+    remove = remove.scatter(1, sorted_idx, remove)
+    probs = torch.softmax(logits.masked_fill(remove, float("-inf")), dim=-1)
+    sampled = torch.argmax(probs / _exp_noise(probs, generators), dim=-1)
+    return torch.where(greedy, out, sampled)
+
+
+# --------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------
+
+
+class FishSpeechForCausalLM(nn.Module):
+    """Fish Speech dual-AR LM (``SupportsMultiCodebook``)."""
+
+    supports_multi_codebook: ClassVar[Literal[True]] = True
+    # Weights: `model.pth` (1.5 / S1 releases) or safetensors (S2, converted)
+    allow_patterns_overrides: ClassVar[list[str]] = ["*.safetensors", "model.pth"]
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        if get_pp_group().world_size > 1:
+            raise NotImplementedError("Fish Speech does not support pipeline parallel")
+        self.config = config
+        self.version: str = getattr(config, "fish_version", "s1")
+        self.num_codebooks: int = config.num_codebooks
+        self.codebook_size: int = config.codebook_size
+        self.num_aux_codebooks = config.num_codebooks - 1
+        # 1.5/S1: the window skips the first generated frame (see
+        # sample_codebooks), so one more frame than the original's 16.
+        self.codebook_history_window = (
+            _S2_RAS_WINDOW if self.version == "s2" else _FISH_WINDOW + 1
+        )
+        self._resolve_special_ids(config, vllm_config.model_config)
+
+        self.model = FishSlowTransformer(
+            vllm_config=vllm_config, prefix=f"{prefix}.model" if prefix else "model"
+        )
+        if config.tie_word_embeddings:
+            self.output = self.model.embeddings
+        else:
+            self.output = ParallelLMHead(
+                config.vocab_size,
+                config.dim,
+                quant_config=vllm_config.quant_config,
+                prefix=f"{prefix}.output" if prefix else "output",
+            )
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+
+        # Fast transformer
+        if config.fast_dim != config.dim:
+            self.fast_project_in: nn.Module = nn.Linear(config.dim, config.fast_dim)
+        else:
+            self.fast_project_in = nn.Identity()
+        self.fast_embeddings = nn.Embedding(config.codebook_size, config.fast_dim)
+        self.fast_layers = nn.ModuleList(
+            _FastBlock(config) for _ in range(config.n_fast_layer)
+        )
+        self.fast_norm = _FastRMSNorm(config.fast_dim, config.norm_eps)
+        self.fast_output = nn.Linear(config.fast_dim, config.codebook_size, bias=False)
+        self.register_buffer(
+            "fast_rope",
+            fish_rope_table(
+                config.num_codebooks, config.fast_head_dim, float(config.rope_base)
+            ),
+            persistent=False,
+        )
+        self.norm_fastlayer_input = bool(getattr(config, "norm_fastlayer_input", False))
+        self.scale_codebook_embeddings = bool(
+            getattr(config, "scale_codebook_embeddings", False)
+        )
+
+    # ---- config helpers ----
+
+    def _resolve_special_ids(self, config, model_config: ModelConfig) -> None:
+        sb = getattr(config, "semantic_begin_id", None)
+        se = getattr(config, "semantic_end_id", None)
+        im_end = getattr(config, "im_end_id", None)
+        if sb is None or se is None or im_end is None:
+            from vllm.tokenizers.fish_speech import fish_special_ids
+
+            tok_dir = Path(model_config.tokenizer)
+            if not (tok_dir / "tokenizer.tiktoken").is_file():
+                raise ValueError(
+                    f"Fish Speech: {tok_dir} has no tokenizer.tiktoken and the "
+                    "config has no semantic_begin_id/semantic_end_id/im_end_id"
+                )
+            sb, se, im_end = fish_special_ids(tok_dir)
+            config.semantic_begin_id, config.semantic_end_id = sb, se
+            config.im_end_id = im_end
+        if se >= config.vocab_size:
+            raise ValueError(
+                f"Fish Speech: semantic tokens end at id {se}, outside the "
+                f"vocabulary of {config.vocab_size}"
+            )
+        self.semantic_begin_id, self.semantic_end_id = int(sb), int(se)
+        self.im_end_id = int(im_end)
+
+    @classmethod
+    def get_aux_codebook_sizes(cls, model_config: ModelConfig) -> list[int]:
+        cfg = model_config.hf_config
+        return [cfg.codebook_size] * (cfg.num_codebooks - 1)
+
+    # ---- slow model ----
+
+    def embed_input_ids(
+        self, input_ids: torch.Tensor, aux_codes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = self.model.embeddings(input_ids)
+        ids = input_ids.long()
+        is_sem = (ids >= self.semantic_begin_id) & (ids <= self.semantic_end_id)
+        if not bool(is_sem.any()):
+            return x
+        c0 = torch.where(is_sem, ids - self.semantic_begin_id, 0)
+        if aux_codes is None:
+            aux_codes = ids.new_zeros(ids.shape[0], self.num_aux_codebooks)
+        codes = torch.cat([c0[:, None], aux_codes.to(ids.device).long()], dim=1)
+        offsets = torch.arange(self.num_codebooks, device=ids.device)
+        codes = codes + offsets * self.codebook_size
+        vq = self.model.codebook_embeddings(codes.reshape(-1)).view(
+            ids.shape[0], self.num_codebooks, -1
+        )
+        vq = vq.sum(dim=1)
+        x = x + torch.where(is_sem[:, None], vq, torch.zeros_like(vq))
+        if self.scale_codebook_embeddings:
+            x = torch.where(is_sem[:, None], x / math.sqrt(self.num_codebooks + 1), x)
+        return x
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_input_ids(input_ids)
+        return self.model(input_ids, positions, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.output, self.model.norm(hidden_states))
+
+    # ---- fast model ----
+
+    def fast_logits(
+        self, x: torch.Tensor, start: int, caches: list
+    ) -> torch.Tensor:
+        """Run positions [start, start+L) of x [R, L, fast_dim]; fp32 logits
+        of the last position [R, codebook_size]."""
+        for layer, cache in zip(self.fast_layers, caches):
+            x = layer(x, start, self.fast_rope, cache)
+        return self.fast_output(self.fast_norm(x[:, -1])).float()
+
+    def _new_fast_caches(self, rows: int, like: torch.Tensor) -> list:
+        cfg = self.config
+        shape = (rows, cfg.fast_n_local_heads, cfg.num_codebooks, cfg.fast_head_dim)
+        return [
+            (like.new_zeros(shape), like.new_zeros(shape)) for _ in self.fast_layers
+        ]
+
+    def fast_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.norm_fastlayer_input:
+            hidden_states = self.model.norm(hidden_states)
+        return self.fast_project_in(hidden_states)
+
+    # ---- sampling ----
+
+    def sample_codebooks(
+        self,
+        logits: torch.Tensor,
+        hidden_states: torch.Tensor,
+        sampling_metadata: SamplingMetadata,
+        history: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        md = sampling_metadata
+        rows = logits.shape[0]
+        dev = logits.device
+        logits = logits.float()
+        if md.temperature is None or md.all_greedy:
+            temperature = torch.zeros(rows, device=dev)
+        else:
+            temperature = md.temperature[:rows].float()
+        greedy = temperature < _SAMPLING_EPS
+        top_p = (
+            md.top_p[:rows].float()
+            if md.top_p is not None
+            else torch.ones(rows, device=dev)
+        )
+        top_k = md.top_k[:rows] if md.top_k is not None else None
+        penalty = md.repetition_penalties[:rows].float()
+        generators = md.generators
+        history = history.to(dev).long()
+
+        if self.version == "s2":
+            return self._sample_s2(
+                logits, hidden_states, history, greedy, temperature, top_p, top_k,
+                generators,
+            )
+
+        if self.version == "s1":
+            # S1's generate() casts the sampling params to bf16
+            temperature = temperature.to(torch.bfloat16).float()
+            top_p = top_p.to(torch.bfloat16).float()
+            penalty = penalty.to(torch.bfloat16).float()
+
+        # Window of the original decode_n_tokens: frames (tok, c0, c1..) of the
+        # generated frames *after* the first one, zero-filled, 16 columns.
+        # history [R, 17, K]: -1 padded at the end; column 0 is the first
+        # frame while fewer than 17 frames exist, so columns 1..16 are the
+        # original's window in every case.
+        valid = history[..., 0] >= 0
+        hist = torch.where(valid[..., None], history, 0)
+        c0 = (hist[..., 0] - self.semantic_begin_id).clamp(min=0)
+        c0 = torch.where(valid, c0, 0)
+        frames = torch.cat([hist[..., :1], c0[..., None], hist[..., 1:]], dim=-1)
+        window = frames[:, 1 : 1 + _FISH_WINDOW]  # [R, 16, N+1]
+        # No penalty for the first generated frame (sampled at prefill)
+        has_prev = valid[:, 0]
+        penalty = torch.where(has_prev, penalty, torch.ones_like(penalty))
+
+        if self.version == "s1":
+            slow_prev = window[:, 0, :]  # window column 0: one frame, all rows
+        else:
+            slow_prev = window[:, :, 0]  # 1.5: the main-token row
+        main = _fish_sample(
+            logits.clone(), greedy, temperature, top_p, penalty, slow_prev,
+            generators,
+        )
+
+        c0_new = (main - self.semantic_begin_id).clamp(0, self.codebook_size - 1)
+        x0 = self.fast_input(hidden_states)
+        caches = self._new_fast_caches(rows, x0)
+        x = torch.stack([x0, self.fast_embeddings(c0_new)], dim=1)
+        codes = []
+        lim = _S1_RESIDUAL_CODES if self.version == "s1" else self.codebook_size
+        pos = 0
+        for k in range(1, self.num_codebooks):
+            lg = self.fast_logits(x, pos, caches)[:, :lim]
+            pos += x.shape[1]
+            ck = _fish_sample(
+                lg, greedy, temperature, top_p, penalty, window[:, :, k + 1],
+                generators,
+            )
+            codes.append(ck)
+            x = self.fast_embeddings(ck)[:, None]
+        aux = torch.stack(codes, dim=1) if codes else main.new_zeros(rows, 0)
+        return main.long(), aux.long()
+
+    def _sample_s2(
+        self, logits, hidden_states, history, greedy, temperature, top_p, top_k,
+        generators,
+    ):
+        rows = logits.shape[0]
+        allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        allowed[self.semantic_begin_id : self.semantic_end_id + 1] = True
+        allowed[self.im_end_id] = True
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        main = _s2_sample(logits, greedy, temperature, top_p, top_k, generators)
+        # RAS: a semantic token already among the last 10 main tokens is
+        # replaced by a draw at temperature 1.0, top-p 0.9
+        recent = history[..., 0]
+        is_sem = (main >= self.semantic_begin_id) & (main <= self.semantic_end_id)
+        repeated = is_sem & (recent == main[:, None]).any(dim=1) & ~greedy
+        if bool(repeated.any()):
+            alt = _s2_sample(
+                logits, torch.zeros_like(greedy), torch.ones_like(temperature),
+                torch.full_like(top_p, 0.9), top_k, generators,
+            )
+            main = torch.where(repeated, alt, main)
+        c0 = (main - self.semantic_begin_id).clamp(0, self.codebook_size - 1)
+        x0 = self.fast_input(hidden_states)
+        caches = self._new_fast_caches(rows, x0)
+        x = torch.stack([x0, self.fast_embeddings(c0)], dim=1)
+        codes, pos = [], 0
+        for _ in range(1, self.num_codebooks):
+            lg = self.fast_logits(x, pos, caches)
+            pos += x.shape[1]
+            ck = _s2_sample(lg, greedy, temperature, top_p, top_k, generators)
+            codes.append(ck)
+            x = self.fast_embeddings(ck)[:, None]
+        return main.long(), torch.stack(codes, dim=1).long()
+
+    # ---- weights ----
+
+    _SLOW_PREFIXES = ("embeddings.", "codebook_embeddings.", "layers.", "norm.")
+
+    @staticmethod
+    def _remap_release_names(
+        weights: Iterable[tuple[str, torch.Tensor]],
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """Original loaders' renames: unwrap ``state_dict``, strip
+        ``model.``, drop ``audio_`` keys (1.5/S1); S2 safetensors names."""
+        first = True
+        strip_model = False
+        for name, tensor in weights:
+            if name == "state_dict" and isinstance(tensor, dict):
+                yield from FishSpeechForCausalLM._remap_release_names(tensor.items())
+                continue
+            if first:
+                strip_model = name.startswith("model.")
+                first = False
+            if name.startswith("text_model.model."):
+                name = name[len("text_model.model.") :]
+            elif name.startswith("text_model."):
+                name = name[len("text_model.") :]
+            elif name.startswith("audio_decoder."):
+                suffix = name[len("audio_decoder.") :]
+                if suffix.startswith("codebook_embeddings."):
+                    name = suffix
+                elif suffix.startswith(("fast_project_in.", "project_in.")):
+                    name = "fast_project_in." + suffix.split(".", 1)[1]
+                else:
+                    name = "fast_" + suffix
+            elif strip_model:
+                name = name.replace("model.", "")
+            if "audio_" in name:
+                continue
+            yield name, tensor
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters(remove_duplicate=False))
+        if self.config.tie_word_embeddings:
+            params.pop("output.weight", None)
+        loaded: set[str] = set()
+        fast_split: dict[str, dict[str, torch.Tensor]] = {}
+        unexpected: list[str] = []
+        for name, w in self._remap_release_names(weights):
+            if name.startswith(self._SLOW_PREFIXES):
+                target = "model." + name
+            else:
+                target = name
+            shard = None
+            if target.startswith("model.layers."):
+                if ".attention.wq." in target or ".attention.wk." in target or (
+                    ".attention.wv." in target
+                ):
+                    shard = target.split(".attention.w", 1)[1][0]
+                    target = target.replace(f".attention.w{shard}.", ".attention.wqkv.")
+                elif ".feed_forward.w1." in target:
+                    shard, target = 0, target.replace(".w1.", ".w13.")
+                elif ".feed_forward.w3." in target:
+                    shard, target = 1, target.replace(".w3.", ".w13.")
+            elif target.startswith("fast_layers.") and any(
+                f".attention.w{s}." in target for s in "qkv"
+            ):
+                s = target.split(".attention.w", 1)[1][0]
+                key = target.replace(f".attention.w{s}.", ".attention.wqkv.")
+                fast_split.setdefault(key, {})[s] = w
+                continue
+            param = params.get(target)
+            if param is None:
+                unexpected.append(name)
+                continue
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard is None:
+                if loader is default_weight_loader and param.shape != w.shape:
+                    raise ValueError(
+                        f"Fish Speech checkpoint: {name} has shape "
+                        f"{tuple(w.shape)}, the model expects {tuple(param.shape)}"
+                    )
+                loader(param, w)
+            else:
+                loader(param, w, shard)
+            loaded.add(target)
+        for key, parts in fast_split.items():
+            if set(parts) != {"q", "k", "v"} or key not in params:
+                raise ValueError(f"Fish Speech checkpoint: incomplete {key} (wq/wk/wv)")
+            default_weight_loader(
+                params[key], torch.cat([parts["q"], parts["k"], parts["v"]])
+            )
+            loaded.add(key)
+        if unexpected:
+            logger.warning(
+                "Fish Speech checkpoint: %d unused tensors (e.g. %s)",
+                len(unexpected),
+                unexpected[:5],
+            )
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(
+                f"Fish Speech checkpoint is missing {len(missing)} weights, e.g. "
+                f"{missing[:8]}; is this a Fish Speech dual-AR release directory?"
+            )
+        if self.config.tie_word_embeddings:
+            loaded.add("output.weight")
+        return loaded
