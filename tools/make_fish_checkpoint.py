@@ -121,7 +121,10 @@ def make_s1(out: Path, seed: int, dtype: torch.dtype) -> None:
     specials = S1_SPECIALS + [f"<|semantic:{i}|>" for i in range(codebook_size)]
     tok = FishTokenizer(str(out / "tokenizer.tiktoken"), specials)
     tok.save_pretrained(str(out))  # rewrites tokenizer.tiktoken, special_tokens.json
-    vocab = len(ranks) + len(specials) + 5  # padding rows, as the releases
+    # The releases pad the vocabulary past the last semantic token; trained
+    # weights never pick those rows, random ones would (and the original then
+    # indexes the codebook embedding out of range), so no padding here.
+    vocab = len(ranks) + len(specials)
     cfg = DualARModelArgs(
         model_type="dual_ar", vocab_size=vocab, codebook_size=codebook_size,
         attention_qk_norm=True, attention_o_bias=False, attention_qkv_bias=False,
@@ -194,7 +197,7 @@ def make_v15(out: Path, seed: int, dtype: torch.dtype) -> None:
     cfg = dict(
         attention_qkv_bias=False, codebook_size=1024, fast_attention_qkv_bias=False,
         initializer_range=0.08, model_type="dual_ar",
-        vocab_size=len(ranks) + len(specials) + 8, **t,
+        vocab_size=len(ranks) + len(specials), **t,
     )
     with open(out / "config.json", "w") as f:
         json.dump(dict(sorted(cfg.items())), f, indent=4)

@@ -363,3 +363,26 @@ def fish_special_ids(path: str | Path) -> tuple[int, int, int]:
             f"{path}: the special tokens have no <|semantic:N|> or {IM_END_TOKEN}"
         )
     return sem[0], sem[max(sem)], ids[IM_END_TOKEN]
+
+
+def is_fish_dual_ar_dir(path: str | Path) -> bool:
+    """A local fish-speech 1.5 / OpenAudio S1 release directory
+    (``config.json`` with ``model_type: dual_ar``, no HF tokenizer)? Raises
+    if its ``tokenizer.tiktoken`` is missing."""
+    cfg = Path(path, "config.json")
+    if not cfg.is_file() or Path(path, "tokenizer.json").is_file():
+        return False
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if model_type != "dual_ar":
+        return False
+    if not Path(path, TIKTOKEN_NAME).is_file():
+        raise FileNotFoundError(
+            f"{Path(path, TIKTOKEN_NAME)} not found: a Fish Speech dual_ar "
+            "release directory needs its tokenizer.tiktoken (and, for S1, "
+            "special_tokens.json)"
+        )
+    return True

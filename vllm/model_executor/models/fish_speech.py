@@ -237,7 +237,7 @@ class FishBlock(nn.Module):
         return self.feed_forward(x), residual
 
 
-@support_torch_compile
+@support_torch_compile(dynamic_arg_dims={"positions": 0, "inputs_embeds": 0})
 class FishSlowTransformer(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
@@ -327,7 +327,7 @@ class _FastAttention(nn.Module):
         k_cache, v_cache = cache
         end = start + seqlen
         k_cache[:, :, start:end] = k
-        v_cache[:, :, start:end] = v
+        v_cache[:, :, start:end] = v.transpose(1, 2)
         rep = self.n_head // self.n_kv
         keys = k_cache[:, :, :end].repeat_interleave(rep, dim=1)
         vals = v_cache[:, :, :end].repeat_interleave(rep, dim=1)

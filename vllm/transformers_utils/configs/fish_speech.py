@@ -98,8 +98,6 @@ def resolve_dual_ar_args(args: dict[str, Any], version: str) -> dict[str, Any]:
 
 
 class _FishDualARConfigBase(PretrainedConfig):
-    fish_version: str
-
     def _set_dual_ar(self, flat: dict[str, Any]) -> None:
         for k, v in flat.items():
             setattr(self, k, v)

@@ -1,0 +1,339 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""Fish Speech dual-AR LM (FishSpeechForCausalLM) against the original code
+(PyPI ``fish_speech==0.1.0`` = the OpenAudio S1 code state) on a tiny random
+checkpoint written in the S1 release layout by ``tools/make_fish_checkpoint.py``.
+
+CPU, fp32: slow log-probs and fast logits within 1e-3, identical greedy
+main tokens + codebooks for >= 32 frames (plain and zero-shot prompts with
+reference codes), tokenizer ids, config fallbacks, bad checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[3]
+TOOLS = ROOT / "tools"
+if not TOOLS.is_dir():  # staged tree: tests are symlinked from the repo
+    TOOLS = Path(os.path.realpath(__file__)).parents[3] / "tools"
+sys.path.insert(0, str(TOOLS))
+
+# One in-process engine per module: keep its distributed state between tests
+pytestmark = pytest.mark.skip_global_cleanup
+
+STEPS = 40
+RP = 1.2
+
+
+@pytest.fixture(scope="module")
+def s1_ckpt(tmp_path_factory) -> Path:
+    from make_fish_checkpoint import make_s1
+
+    out = tmp_path_factory.mktemp("fish") / "s1"
+    make_s1(out, seed=0, dtype=torch.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ref(s1_ckpt):
+    from make_fish_checkpoint import import_reference_llama
+
+    llama = import_reference_llama()
+    model = llama.DualARTransformer.from_pretrained(str(s1_ckpt), load_weights=True)
+    return model.float().eval()
+
+
+@pytest.fixture(scope="module")
+def llm(s1_ckpt):
+    from vllm import LLM
+
+    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # apply_model
+    try:
+        yield LLM(
+            model=str(s1_ckpt),
+            dtype="float32",
+            enforce_eager=True,
+            max_model_len=512,
+            max_num_seqs=4,
+            max_logprobs=20,
+            kv_cache_memory_bytes=64 << 20,
+        )
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
+
+
+def _encode(ref, text: str, refs: list[tuple[str, torch.Tensor]] = ()):
+    """The original S1 prompt (generate_long): values [N+1, T]."""
+    from fish_speech.content_sequence import ContentSequence, TextPart, VQPart
+
+    seq = ContentSequence(modality="interleave")
+    for t, codes in refs:
+        seq.append([TextPart(text=t), VQPart(codes=codes)], add_end=True, speaker=0)
+    seq.append([TextPart(text=text)], add_end=False, speaker=0)
+    values, _, _ = seq.encode_for_inference(
+        ref.tokenizer, num_codebooks=ref.config.num_codebooks
+    )
+    return values
+
+
+def _vllm_prompt(values: torch.Tensor):
+    """TokensPrompt + prompt_aux_codes rows from the original's values."""
+    ids = values[0].tolist()
+    rows = [
+        [p] + values[2:, p].tolist()
+        for p in range(values.shape[1])
+        if bool(values[2:, p].any())
+    ]
+    return ids, rows
+
+
+def _ref_generate(ref, values: torch.Tensor, steps: int, rp: float):
+    from fish_speech.models.text2semantic.inference import generate
+
+    ref.max_seq_len = -1  # fresh caches
+    with torch.no_grad():
+        y = generate(
+            model=ref,
+            prompt=values.clone(),
+            max_new_tokens=steps,
+            audio_masks=None,
+            audio_parts=None,
+            temperature=torch.tensor(0.7),
+            top_p=torch.tensor(1e-6),  # keeps only the top token: greedy
+            repetition_penalty=torch.tensor(rp),
+        )
+    return y[:, values.shape[1] :]  # [N+1, frames]: tok, c0, c1..
+
+
+def _params(rows, steps=STEPS, rp=RP, logprobs=None):
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        temperature=0.0,
+        max_tokens=steps,
+        repetition_penalty=rp,
+        detokenize=False,
+        logprobs=logprobs,
+        extra_args={"prompt_aux_codes": rows} if rows else None,
+    )
+
+
+def _ref_codes(ref, n_frames=12, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    c0 = torch.randint(0, ref.config.codebook_size, (1, n_frames), generator=g)
+    rest = torch.randint(0, 1024, (ref.config.num_codebooks - 1, n_frames), generator=g)
+    return torch.cat([c0, rest]).int()
+
+
+# --------------------------------------------------------------------------
+
+
+def test_tokenizer_matches_original(s1_ckpt, ref):
+    from vllm.tokenizers.fish_speech import FishSpeechTokenizer
+    from vllm.tokenizers.registry import get_tokenizer
+
+    tok = get_tokenizer(str(s1_ckpt))
+    assert isinstance(tok, FishSpeechTokenizer)
+    for text in [
+        "hello the world, and this is it!",
+        "<|interleave|><|speaker:0|>hello<|im_end|><|semantic:7|>",
+        "Ünïcödé 你好 123 \n\n  x",
+    ]:
+        assert tok.encode(text) == ref.tokenizer.encode(text)
+        assert tok.decode(tok.encode(text)) == ref.tokenizer.decode(
+            ref.tokenizer.encode(text)
+        )
+    assert tok.semantic_begin_id == ref.tokenizer.semantic_begin_id
+    assert tok.semantic_end_id == ref.tokenizer.semantic_end_id
+    assert tok.eos_token_id == ref.tokenizer.get_token_id("<|im_end|>")
+
+
+def test_config_fallbacks(tmp_path):
+    from vllm.transformers_utils.configs.fish_speech import (
+        FishQwen3OmniConfig,
+        FishSpeechConfig,
+    )
+
+    # 1.5: no attention_qk_norm key -> head_dim forced to dim // n_head
+    c = FishSpeechConfig(dim=1024, n_head=16, head_dim=128, n_local_heads=-1)
+    assert c.fish_version == "1.5" and c.head_dim == 64
+    assert c.n_local_heads == 16 and c.intermediate_size == 2816
+    assert c.fast_dim == 1024 and c.fast_n_head == 16 and c.fast_head_dim == 64
+    assert c.architectures == ["FishSpeechForCausalLM"]
+    assert c.hidden_size == 1024 and c.num_key_value_heads == 16
+    # S1: keeps head_dim (default 64 when absent), qk-norm fallbacks
+    c = FishSpeechConfig(dim=1024, n_head=16, head_dim=128, attention_qk_norm=True,
+                         fast_dim=512)
+    assert c.fish_version == "s1" and c.head_dim == 128
+    assert c.fast_attention_qk_norm is True and c.fast_dim == 512
+    assert FishSpeechConfig(dim=1024, n_head=16, attention_qk_norm=True).head_dim == 64
+    # round trip keeps the version
+    c2 = FishSpeechConfig(**c.to_dict())
+    assert c2.fish_version == "s1" and c2.head_dim == 128
+    # S2 nested
+    s2 = FishQwen3OmniConfig(
+        text_config=dict(vocab_size=100, n_layer=2, n_head=4, dim=64, head_dim=32),
+        audio_decoder_config=dict(vocab_size=16, num_codebooks=4, n_layer=1),
+        semantic_start_token_id=50, semantic_end_token_id=65, eos_token_id=3,
+    )
+    assert s2.scale_codebook_embeddings and s2.norm_fastlayer_input
+    assert s2.codebook_size == 16 and s2.fast_dim == 64 and s2.head_dim == 32
+    assert s2.semantic_begin_id == 50 and s2.im_end_id == 3
+
+
+def test_config_from_release_dir(s1_ckpt):
+    from vllm.transformers_utils.config import get_config
+
+    cfg = get_config(str(s1_ckpt), trust_remote_code=False)
+    raw = json.loads((s1_ckpt / "config.json").read_text())
+    assert "architectures" not in raw
+    assert cfg.architectures == ["FishSpeechForCausalLM"]
+    assert cfg.head_dim == raw["head_dim"] and cfg.fish_version == "s1"
+
+
+def test_slow_logprobs_match_original(llm, ref):
+    """Prefill log-probs (top 20) equal the original's log_softmax."""
+    from vllm.inputs import TokensPrompt
+
+    values = _encode(ref, "hello the world")
+    ids, rows = _vllm_prompt(values)
+    out = llm.generate(TokensPrompt(prompt_token_ids=ids), _params(rows, steps=1,
+                       logprobs=20), use_tqdm=False)[0]
+    lp = out.outputs[0].logprobs[0]
+    with torch.no_grad():
+        ref.setup_caches(1, ref.config.max_seq_len, torch.float32)
+        res = ref.forward_generate(values[None], torch.arange(values.shape[1]))
+    want = torch.log_softmax(res.logits[0, -1].float(), -1)
+    got_ids = list(lp)
+    got = torch.tensor([lp[i].logprob for i in got_ids])
+    torch.testing.assert_close(got, want[got_ids], rtol=1e-3, atol=1e-4)
+    assert got_ids[0] == int(want.argmax())
+
+
+def test_fast_logits_match_original(llm, ref):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, ref.config.dim, generator=g)
+    codes = torch.randint(0, 1024, (3, ref.config.num_codebooks), generator=g)
+
+    def run(model, hidden=hidden, codes=codes):
+        with torch.no_grad():
+            x0 = model.fast_input(hidden)
+            caches = model._new_fast_caches(3, x0)
+            x = torch.stack([x0, model.fast_embeddings(codes[:, 0])], 1)
+            outs, pos = [], 0
+            for k in range(1, model.num_codebooks):
+                outs.append(model.fast_logits(x, pos, caches))
+                pos += x.shape[1]
+                x = model.fast_embeddings(codes[:, k])[:, None]
+        return torch.stack(outs, 1).cpu()
+
+    got = llm.apply_model(run)[0]
+    with torch.no_grad():
+        ref.setup_caches(3, ref.config.max_seq_len, torch.float32)
+        for layer in ref.fast_layers:
+            layer.attention.kv_cache.k_cache.zero_()
+            layer.attention.kv_cache.v_cache.zero_()
+        ref.forward_generate_fast(hidden[:, None], torch.tensor([0]))
+        want = []
+        for k in range(1, ref.config.num_codebooks):
+            x = ref.fast_embeddings(codes[:, k - 1])
+            want.append(ref.forward_generate_fast(x, torch.tensor([k]))[:, 0])
+    torch.testing.assert_close(got, torch.stack(want, 1).float(), rtol=1e-3,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("zero_shot", [False, True])
+def test_greedy_codes_match_original(llm, ref, zero_shot):
+    from vllm.inputs import TokensPrompt
+
+    refs = [("and this is the", _ref_codes(ref))] if zero_shot else []
+    values = _encode(ref, "hello the world and the thing", refs)
+    want = _ref_generate(ref, values, STEPS, RP)
+    ids, rows = _vllm_prompt(values)
+    assert bool(rows) == zero_shot
+    out = llm.generate(TokensPrompt(prompt_token_ids=ids), _params(rows),
+                       use_tqdm=False)[0].outputs[0]
+    n = want.shape[1]
+    assert n >= 32, "the reference stopped early; pick another prompt"
+    assert list(out.token_ids)[:n] == want[0].tolist()
+    assert out.aux_token_ids[:n].tolist() == want[2:].T.tolist()
+    sb = ref.tokenizer.semantic_begin_id
+    assert any(t >= sb for t in out.token_ids), "no semantic frame generated"
+
+
+def test_batch_equals_single(llm, ref):
+    from vllm.inputs import TokensPrompt
+
+    prompts = [
+        _vllm_prompt(_encode(ref, t, r))
+        for t, r in [("hello", []), ("the and", [("is it", _ref_codes(ref, 5, 1))])]
+    ]
+    batch = llm.generate([TokensPrompt(prompt_token_ids=i) for i, _ in prompts],
+                         [_params(r, steps=16) for _, r in prompts], use_tqdm=False)
+    for (ids, rows), b in zip(prompts, batch):
+        one = llm.generate(TokensPrompt(prompt_token_ids=ids), _params(rows, steps=16),
+                           use_tqdm=False)[0]
+        assert b.outputs[0].token_ids == one.outputs[0].token_ids
+        assert b.outputs[0].aux_token_ids.tolist() == one.outputs[0].aux_token_ids.tolist()
+
+
+def test_seeded_sampling_reproducible(llm, ref):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    ids, _ = _vllm_prompt(_encode(ref, "hello"))
+    p = SamplingParams(temperature=0.8, top_p=0.8, repetition_penalty=1.1,
+                       max_tokens=12, seed=7, detokenize=False)
+    a, b = llm.generate([TokensPrompt(prompt_token_ids=ids)] * 2, [p, p],
+                        use_tqdm=False)
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    assert a.outputs[0].aux_token_ids.tolist() == b.outputs[0].aux_token_ids.tolist()
+    assert (a.outputs[0].aux_token_ids < 1024).all()  # S1 residual-code limit
+
+
+def _load_error(ckpt: Path) -> str:
+    """Build the model on a broken checkpoint (in-process engine, so the
+    error itself reaches the test); return the error text."""
+    from vllm import LLM
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(Exception) as e:
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        LLM(model=str(ckpt), dtype="float32", enforce_eager=True, max_model_len=128,
+            kv_cache_memory_bytes=16 << 20)
+    msg = str(e.value) + repr(e.value.__cause__) + repr(e.value.__context__)
+    return msg
+
+
+def test_bad_checkpoints(s1_ckpt, tmp_path):
+    # missing weights: the loader names them
+    sd = torch.load(s1_ckpt / "model.pth", weights_only=True)
+    sd.pop("layers.1.attention.wqkv.weight")
+    broken = tmp_path / "missing"
+    shutil.copytree(s1_ckpt, broken)
+    torch.save(sd, broken / "model.pth")
+    assert "layers.1.attention.wqkv" in _load_error(broken)
+    # no tokenizer.tiktoken: the semantic ids cannot be known
+    no_tok = tmp_path / "no_tok"
+    shutil.copytree(s1_ckpt, no_tok)
+    (no_tok / "tokenizer.tiktoken").unlink()
+    assert "tokenizer.tiktoken" in _load_error(no_tok)
+    # malformed tiktoken file
+    bad = tmp_path / "bad_tok"
+    shutil.copytree(s1_ckpt, bad)
+    (bad / "tokenizer.tiktoken").write_text("not-a-rank-line\n")
+    with pytest.raises(ValueError, match="expected 'base64 rank'"):
+        from vllm.tokenizers.fish_speech import FishSpeechTokenizer
+
+        FishSpeechTokenizer.from_pretrained(bad)
