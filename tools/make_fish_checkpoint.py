@@ -191,7 +191,7 @@ def make_v15(out: Path, seed: int, dtype: torch.dtype) -> None:
     # 1.5 writes special_tokens.json but never reads it
     with open(out / "special_tokens.json", "w") as f:
         json.dump({t: len(ranks) + i for i, t in enumerate(specials)}, f, indent=2)
-    t = dict(TINY)
+    t = dict(TINY, dim=128, fast_dim=128)  # head_dim 32 (CPU attention sizes)
     t["head_dim"] = t["dim"] // t["n_head"]  # 1.5 forces it
     t["fast_head_dim"] = t["fast_dim"] // t["fast_n_head"]
     cfg = dict(

@@ -337,3 +337,108 @@ def test_bad_checkpoints(s1_ckpt, tmp_path):
         from vllm.tokenizers.fish_speech import FishSpeechTokenizer
 
         FishSpeechTokenizer.from_pretrained(bad)
+
+
+def test_sampler_matches_original_logits_to_probs():
+    """Penalty window, top-p before temperature: the same probabilities as
+    the original ``logits_to_probs`` (row by row, bf16-cast params as S1's
+    ``generate`` passes them)."""
+    from make_fish_checkpoint import import_reference_llama
+
+    import_reference_llama()
+    from fish_speech.models.text2semantic.inference import logits_to_probs
+
+    from vllm.model_executor.models.fish_speech import _fish_penalize, _fish_probs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 300, generator=g) * 3
+    prev = torch.randint(0, 300, (4, 16), generator=g)
+    prev[:, :5] = prev[:, 5:10]  # repeated ids: penalised once
+    temp = torch.tensor([0.7, 0.8, 1.0, 1.3])
+    top_p = torch.tensor([0.7, 0.8, 0.95, 1.0])
+    rp = torch.tensor([1.5, 1.1, 1.2, 1.0])
+    b = lambda x: x.to(torch.bfloat16).float()  # noqa: E731
+    got = _fish_probs(_fish_penalize(logits.clone(), b(rp), prev), b(temp), b(top_p))
+    for r in range(4):
+        want = logits_to_probs(
+            logits[r].clone(),
+            temperature=temp[r].to(torch.bfloat16),
+            top_p=top_p[r].to(torch.bfloat16),
+            repetition_penalty=rp[r].to(torch.bfloat16),
+            previous_tokens=prev[r],
+        )
+        torch.testing.assert_close(got[r], want, rtol=1e-5, atol=1e-7)
+
+
+def test_converted_checkpoint_same_codes(s1_ckpt, ref, tmp_path):
+    """tools/convert_fish_checkpoint.py output (safetensors + HF-style
+    config.json) loads in the same model and generates the same codes."""
+    from convert_fish_checkpoint import convert
+
+    from vllm import LLM
+    from vllm.inputs import TokensPrompt
+
+    out = tmp_path / "conv"
+    convert(s1_ckpt, out, None, 4.0)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["FishSpeechForCausalLM"]
+    assert cfg["semantic_begin_id"] == ref.tokenizer.semantic_begin_id
+    assert not (out / "model.pth").exists()
+    values = _encode(ref, "hello the world and the thing")
+    want = _ref_generate(ref, values, 32, RP)
+    ids, rows = _vllm_prompt(values)
+    conv = LLM(model=str(out), dtype="float32", enforce_eager=True, max_model_len=256,
+               kv_cache_memory_bytes=32 << 20)
+    try:
+        o = conv.generate(TokensPrompt(prompt_token_ids=ids), _params(rows, steps=32),
+                          use_tqdm=False)[0].outputs[0]
+    finally:
+        del conv
+    n = want.shape[1]
+    assert list(o.token_ids)[:n] == want[0].tolist()
+    assert o.aux_token_ids[:n].tolist() == want[2:].T.tolist()
+
+
+@pytest.mark.parametrize("kind", ["v15", "s2"])
+def test_other_release_layouts_generate(kind, tmp_path):
+    """fish-speech-1.5 (model.pth, 1.5 special-token order, forced head_dim)
+    and s2-pro (fish_qwen3_omni, sharded safetensors, HF tokenizer) layouts
+    load with no flags and generate well-formed frames. (No reference code
+    for these states is installed: this checks loading and shapes only.)"""
+    import make_fish_checkpoint as mk
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    path = tmp_path / kind
+    getattr(mk, f"make_{kind}")(path, 0, torch.float32)
+    llm = LLM(model=str(path), dtype="float32", enforce_eager=True,
+              max_model_len=256, kv_cache_memory_bytes=32 << 20)
+    try:
+        tok = llm.get_tokenizer()
+        ids = tok.encode("hello the world")
+        outs = llm.generate(
+            [TokensPrompt(prompt_token_ids=ids)] * 2,
+            [SamplingParams(temperature=0, max_tokens=12, detokenize=False),
+             SamplingParams(temperature=0.8, top_p=0.9, top_k=30, max_tokens=12,
+                            seed=1, detokenize=False)],
+            use_tqdm=False,
+        )
+    finally:
+        del llm
+    raw = json.loads((path / "config.json").read_text())
+    if kind == "v15":
+        from vllm.tokenizers.fish_speech import FishSpeechTokenizer
+
+        assert isinstance(tok, FishSpeechTokenizer)
+        assert tok.semantic_begin_id == 256 + len(mk.MERGES) + 12
+        book = raw["codebook_size"]
+    else:
+        sb, se = raw["semantic_start_token_id"], raw["semantic_end_token_id"]
+        book = raw["audio_decoder_config"]["vocab_size"]
+    for out in outs:
+        o = out.outputs[0]
+        assert o.aux_token_ids.shape == (len(o.token_ids), 3)
+        assert (o.aux_token_ids >= 0).all() and (o.aux_token_ids < book).all()
+        if kind == "s2":  # slow token restricted to semantic ids + im_end
+            assert all(sb <= t <= se or t == raw["eos_token_id"] for t in o.token_ids)

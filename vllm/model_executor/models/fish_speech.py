@@ -380,6 +380,35 @@ def _exp_noise(
     return q
 
 
+def _fish_penalize(
+    logits: torch.Tensor, penalty: torch.Tensor, prev: torch.Tensor | None
+) -> torch.Tensor:
+    """fish-speech's windowed repetition penalty: each unique id of prev
+    [R, P] once, ``s < 0 ? s * rp : s / rp``."""
+    if prev is None:
+        return logits
+    prev = prev.long()
+    score = torch.gather(logits, 1, prev)
+    rp = penalty[:, None]
+    score = torch.where(score < 0, score * rp, score / rp)
+    return logits.scatter(1, prev, score)
+
+
+def _fish_probs(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """fish-speech ``logits_to_probs`` after the penalty: top-p on the
+    untempered softmax (top token always kept), then the temperature."""
+    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+    cum = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
+    remove = cum > top_p[:, None]
+    remove[:, 0] = False
+    remove = remove.scatter(1, sorted_idx, remove)
+    logits = logits.masked_fill(remove, float("-inf"))
+    logits = logits / torch.clamp(temperature, min=_SAMPLING_EPS)[:, None]
+    return torch.softmax(logits, dim=-1)
+
+
 def _fish_sample(
     logits: torch.Tensor,
     greedy: torch.Tensor,
@@ -389,27 +418,16 @@ def _fish_sample(
     prev: torch.Tensor | None,
     generators: dict[int, torch.Generator],
 ) -> torch.Tensor:
-    """fish-speech ``logits_to_probs`` + ``multinomial_sample_one_no_sync``
-    for a batch: logits [R, V] (fp32, modified), per-row params [R], prev
-    [R, P] ids to penalise (each unique id once). Greedy rows: argmax after
-    the penalty (what a vanishing top-p gives in the original)."""
-    if prev is not None:
-        prev = prev.long()
-        score = torch.gather(logits, 1, prev)
-        rp = penalty[:, None]
-        score = torch.where(score < 0, score * rp, score / rp)
-        logits = logits.scatter(1, prev, score)
+    """A batch of fish-speech ``sample`` calls: logits [R, V] fp32, per-row
+    params [R], prev [R, P] ids to penalise. The draw is
+    ``argmax(probs / Exp(1))`` as ``multinomial_sample_one_no_sync``; greedy
+    rows take the argmax after the penalty (what a vanishing top-p gives in
+    the original)."""
+    logits = _fish_penalize(logits, penalty, prev)
     out = logits.argmax(dim=-1)
     if bool(greedy.all()):
         return out
-    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
-    cum = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
-    remove = cum > top_p[:, None]
-    remove[:, 0] = False
-    remove = remove.scatter(1, sorted_idx, remove)
-    logits = logits.masked_fill(remove, float("-inf"))
-    logits = logits / torch.clamp(temperature, min=_SAMPLING_EPS)[:, None]
-    probs = torch.softmax(logits, dim=-1)
+    probs = _fish_probs(logits, temperature, top_p)
     sampled = torch.argmax(probs / _exp_noise(probs, generators), dim=-1)
     return torch.where(greedy, out, sampled)
 

@@ -231,7 +231,9 @@ class FishQwen3OmniConfig(_FishDualARConfigBase):
         self.semantic_end_token_id = semantic_end_token_id
         self.semantic_begin_id = semantic_start_token_id
         self.semantic_end_id = semantic_end_token_id
-        self.im_end_id = kwargs.get("eos_token_id")
+        eos = kwargs.pop("eos_token_id", None)
+        pad = kwargs.pop("pad_token_id", None)
+        self.im_end_id = eos
         # The release's own architecture name (if any) is not a vLLM class.
         self.fish_original_architectures = architectures
         kwargs.pop("fish_original_architectures", None)
@@ -240,6 +242,6 @@ class FishQwen3OmniConfig(_FishDualARConfigBase):
             tie_word_embeddings=flat["tie_word_embeddings"],
             **kwargs,
         )
+        self.eos_token_id = eos
+        self.pad_token_id = pad
         self._set_dual_ar(flat)
-        if isinstance(self.eos_token_id, int):
-            self.im_end_id = self.eos_token_id
