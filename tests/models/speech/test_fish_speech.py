@@ -399,46 +399,62 @@ def test_converted_checkpoint_same_codes(s1_ckpt, ref, tmp_path):
     assert o.aux_token_ids[:n].tolist() == want[2:].T.tolist()
 
 
+FIXTURES = Path(os.path.realpath(__file__)).parent / "fixtures" / "fish_lm"
+
+
 @pytest.mark.parametrize("kind", ["v15", "s2"])
-def test_other_release_layouts_generate(kind, tmp_path):
-    """fish-speech-1.5 (model.pth, 1.5 special-token order, forced head_dim)
-    and s2-pro (fish_qwen3_omni, sharded safetensors, HF tokenizer) layouts
-    load with no flags and generate well-formed frames. (No reference code
-    for these states is installed: this checks loading and shapes only.)"""
+def test_golden_fixtures(kind, tmp_path):
+    """fish-speech-1.5 (model.pth, 1.5 special-token order, forced head_dim,
+    window row 0 penalty) and s2-pro (fish_qwen3_omni, sharded safetensors,
+    HF tokenizer, semantic-only slow token, top-k, RAS) layouts load with no
+    flags and match golden fixtures made with the original code at the
+    pinned commits (fixtures/fish_lm/make_fixture.py): prefill log-probs and
+    40 greedy frames for a plain and a reference-code prompt."""
+    import hashlib
+
     import make_fish_checkpoint as mk
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    fx = torch.load(FIXTURES / f"fish_{kind}.pt", weights_only=True)
     path = tmp_path / kind
     getattr(mk, f"make_{kind}")(path, 0, torch.float32)
-    llm = LLM(model=str(path), dtype="float32", enforce_eager=True,
-              max_model_len=256, kv_cache_memory_bytes=32 << 20)
-    try:
-        tok = llm.get_tokenizer()
-        ids = tok.encode("hello the world")
-        outs = llm.generate(
-            [TokensPrompt(prompt_token_ids=ids)] * 2,
-            [SamplingParams(temperature=0, max_tokens=12, detokenize=False),
-             SamplingParams(temperature=0.8, top_p=0.9, top_k=30, max_tokens=12,
-                            seed=1, detokenize=False)],
-            use_tqdm=False,
+    for name, digest in fx["weights"].items():
+        assert hashlib.sha256((path / name).read_bytes()).hexdigest() == digest, (
+            "make_fish_checkpoint.py changed: re-run fixtures/fish_lm/make_fixture.py"
         )
+    if kind == "v15":
+        params = SamplingParams(temperature=0, repetition_penalty=RP, max_tokens=STEPS,
+                                detokenize=False, logprobs=20)
+    else:  # top-k 1 also pins the original's repetition-aware resampling
+        params = SamplingParams(temperature=0.7, top_p=0.9, top_k=1, seed=0,
+                                max_tokens=STEPS, detokenize=False, logprobs=20)
+    prompts, plist = [], []
+    for values in fx["prompts"]:
+        ids, rows = _vllm_prompt(values)
+        prompts.append(TokensPrompt(prompt_token_ids=ids))
+        p = params.clone()
+        p.extra_args = {"prompt_aux_codes": rows} if rows else None
+        plist.append(p)
+    assert plist[1].extra_args is not None
+    llm = LLM(model=str(path), dtype="float32", enforce_eager=True,
+              max_model_len=256, max_logprobs=20, kv_cache_memory_bytes=32 << 20)
+    try:
+        outs = llm.generate(prompts, plist, use_tqdm=False)
     finally:
         del llm
-    raw = json.loads((path / "config.json").read_text())
-    if kind == "v15":
-        from vllm.tokenizers.fish_speech import FishSpeechTokenizer
-
-        assert isinstance(tok, FishSpeechTokenizer)
-        assert tok.semantic_begin_id == 256 + len(mk.MERGES) + 12
-        book = raw["codebook_size"]
-    else:
-        sb, se = raw["semantic_start_token_id"], raw["semantic_end_token_id"]
-        book = raw["audio_decoder_config"]["vocab_size"]
-    for out in outs:
+    for out, logits, frames in zip(outs, fx["logits"], fx["frames"]):
         o = out.outputs[0]
-        assert o.aux_token_ids.shape == (len(o.token_ids), 3)
-        assert (o.aux_token_ids >= 0).all() and (o.aux_token_ids < book).all()
-        if kind == "s2":  # slow token restricted to semantic ids + im_end
-            assert all(sb <= t <= se or t == raw["eos_token_id"] for t in o.token_ids)
+        lp = o.logprobs[0]
+        got_ids = list(lp)
+        want = torch.log_softmax(logits, -1)
+        # first entry: the sampled token (S2: the best *semantic* one; the
+        # log-probs are of the raw logits), then the top 20
+        torch.testing.assert_close(
+            torch.tensor([lp[i].logprob for i in got_ids]), want[got_ids],
+            rtol=1e-3, atol=1e-4)
+        n = frames.shape[1]
+        assert n == STEPS
+        assert list(o.token_ids) == frames[0].tolist()
+        assert o.aux_token_ids.tolist() == frames[2:].T.tolist()

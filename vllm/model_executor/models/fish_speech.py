@@ -20,8 +20,13 @@ replaces vLLM's sampler with each family's own sampling:
   S1 casts temperature / top-p / penalty to bf16 before use (``generate``);
   so does this sampler.
 * S2: only semantic tokens and ``<|im_end|>`` for the slow token, top-k and
-  top-p, no repetition penalty, and repetition-aware resampling (RAS) of a
-  semantic token seen in the last 10 frames.
+  top-p (on the untempered softmax), then the temperature, no repetition
+  penalty, and repetition-aware resampling (RAS) of a semantic token seen in
+  the last 10 frames.
+
+Both originals keep their window only from the second generated frame on
+(the first is sampled at prefill without it), so ``codebook_history_window``
+is one more than the original window and column 0 is skipped.
 
 Faithful details: interleaved (GPT-J) RoPE with the cos/sin table rounded to
 bf16 as the original stores it; per-head q/k RMSNorm before RoPE (S1/S2);
@@ -440,22 +445,23 @@ def _s2_sample(
     top_k: torch.Tensor | None,
     generators: dict[int, torch.Generator],
 ) -> torch.Tensor:
-    """Temperature, top-k, top-p (top token always kept), then a draw."""
+    """S2 ``logits_to_probs``: top-p (untempered softmax) or top-k removes a
+    sorted position (the top one is always kept), then the temperature, then
+    ``argmax(probs / Exp(1))``. Greedy rows: argmax."""
     out = logits.argmax(dim=-1)
     if bool(greedy.all()):
         return out
-    logits = logits / torch.clamp(temperature, min=_SAMPLING_EPS)[:, None]
     sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
-    remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    cum = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
+    remove = cum > top_p[:, None]
     if top_k is not None:
         ranks = torch.arange(logits.shape[-1], device=logits.device)[None]
-        remove |= ranks >= top_k.clamp(min=1)[:, None]
-    masked = sorted_logits.masked_fill(remove, float("-inf"))
-    cum = torch.cumsum(torch.softmax(masked, dim=-1), dim=-1)
-    remove |= (cum - torch.softmax(masked, dim=-1)) > top_p[:, None]
+        remove |= ranks >= top_k[:, None]
     remove[:, 0] = False
     remove = remove.scatter(1, sorted_idx, remove)
-    probs = torch.softmax(logits.masked_fill(remove, float("-inf")), dim=-1)
+    logits = logits.masked_fill(remove, float("-inf"))
+    logits = logits / torch.clamp(temperature, min=_SAMPLING_EPS)[:, None]
+    probs = torch.softmax(logits, dim=-1)
     sampled = torch.argmax(probs / _exp_noise(probs, generators), dim=-1)
     return torch.where(greedy, out, sampled)
 
@@ -485,8 +491,8 @@ class FishSpeechForCausalLM(nn.Module):
         # 1.5/S1: the window skips the first generated frame (see
         # sample_codebooks), so one more frame than the original's 16.
         self.codebook_history_window = (
-            _S2_RAS_WINDOW if self.version == "s2" else _FISH_WINDOW + 1
-        )
+            _S2_RAS_WINDOW if self.version == "s2" else _FISH_WINDOW
+        ) + 1
         self._resolve_special_ids(config, vllm_config.model_config)
 
         self.model = FishSlowTransformer(
@@ -707,21 +713,30 @@ class FishSpeechForCausalLM(nn.Module):
         self, logits, hidden_states, history, greedy, temperature, top_p, top_k,
         generators,
     ):
+        """S2 ``decode_one_token_ar``: slow token limited to the semantic ids
+        and ``<|im_end|>``; repetition-aware sampling (a semantic token found
+        among the main tokens of the last 10 frames *after the first one* is
+        replaced by a draw at temperature 1.0 / top-p 0.9, same top-k; not for
+        greedy rows); fast codebooks with the same temperature/top-p/top-k.
+        S2's ``generate`` casts temperature and top-p to the model dtype."""
         rows = logits.shape[0]
+        mdtype = self.fast_output.weight.dtype
+        temperature = temperature.to(mdtype).float()
+        top_p = top_p.to(mdtype).float()
         allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         allowed[self.semantic_begin_id : self.semantic_end_id + 1] = True
         allowed[self.im_end_id] = True
         logits = logits.masked_fill(~allowed, float("-inf"))
         main = _s2_sample(logits, greedy, temperature, top_p, top_k, generators)
-        # RAS: a semantic token already among the last 10 main tokens is
-        # replaced by a draw at temperature 1.0, top-p 0.9
-        recent = history[..., 0]
+        # history [R, 11, K]: column 0 is the first generated frame (sampled at
+        # prefill), which the original's rolling window never holds.
+        recent = history[:, 1 : 1 + _S2_RAS_WINDOW, 0]
         is_sem = (main >= self.semantic_begin_id) & (main <= self.semantic_end_id)
         repeated = is_sem & (recent == main[:, None]).any(dim=1) & ~greedy
         if bool(repeated.any()):
             alt = _s2_sample(
                 logits, torch.zeros_like(greedy), torch.ones_like(temperature),
-                torch.full_like(top_p, 0.9), top_k, generators,
+                torch.full_like(top_p, 0.9).to(mdtype).float(), top_k, generators,
             )
             main = torch.where(repeated, alt, main)
         c0 = (main - self.semantic_begin_id).clamp(0, self.codebook_size - 1)
