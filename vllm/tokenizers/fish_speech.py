@@ -354,9 +354,7 @@ def fish_special_ids(path: str | Path) -> tuple[int, int, int]:
     specials = special_tokens_for_dir(path)
     ids = {tok: len(ranks) + i for i, tok in enumerate(specials)}
     sem = {
-        int(m.group(1)): ids[t]
-        for t in specials
-        if (m := _SEMANTIC_RE.fullmatch(t))
+        int(m.group(1)): ids[t] for t in specials if (m := _SEMANTIC_RE.fullmatch(t))
     }
     if not sem or IM_END_TOKEN not in ids:
         raise ValueError(

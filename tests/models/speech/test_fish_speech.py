@@ -174,8 +174,9 @@ def test_config_fallbacks(tmp_path):
     assert c.architectures == ["FishSpeechForCausalLM"]
     assert c.hidden_size == 1024 and c.num_key_value_heads == 16
     # S1: keeps head_dim (default 64 when absent), qk-norm fallbacks
-    c = FishSpeechConfig(dim=1024, n_head=16, head_dim=128, attention_qk_norm=True,
-                         fast_dim=512)
+    c = FishSpeechConfig(
+        dim=1024, n_head=16, head_dim=128, attention_qk_norm=True, fast_dim=512
+    )
     assert c.fish_version == "s1" and c.head_dim == 128
     assert c.fast_attention_qk_norm is True and c.fast_dim == 512
     assert FishSpeechConfig(dim=1024, n_head=16, attention_qk_norm=True).head_dim == 64
@@ -186,7 +187,9 @@ def test_config_fallbacks(tmp_path):
     s2 = FishQwen3OmniConfig(
         text_config=dict(vocab_size=100, n_layer=2, n_head=4, dim=64, head_dim=32),
         audio_decoder_config=dict(vocab_size=16, num_codebooks=4, n_layer=1),
-        semantic_start_token_id=50, semantic_end_token_id=65, eos_token_id=3,
+        semantic_start_token_id=50,
+        semantic_end_token_id=65,
+        eos_token_id=3,
     )
     assert s2.scale_codebook_embeddings and s2.norm_fastlayer_input
     assert s2.codebook_size == 16 and s2.fast_dim == 64 and s2.head_dim == 32
@@ -209,8 +212,11 @@ def test_slow_logprobs_match_original(llm, ref):
 
     values = _encode(ref, "hello the world")
     ids, rows = _vllm_prompt(values)
-    out = llm.generate(TokensPrompt(prompt_token_ids=ids), _params(rows, steps=1,
-                       logprobs=20), use_tqdm=False)[0]
+    out = llm.generate(
+        TokensPrompt(prompt_token_ids=ids),
+        _params(rows, steps=1, logprobs=20),
+        use_tqdm=False,
+    )[0]
     lp = out.outputs[0].logprobs[0]
     with torch.no_grad():
         ref.setup_caches(1, ref.config.max_seq_len, torch.float32)
@@ -250,8 +256,7 @@ def test_fast_logits_match_original(llm, ref):
         for k in range(1, ref.config.num_codebooks):
             x = ref.fast_embeddings(codes[:, k - 1])
             want.append(ref.forward_generate_fast(x, torch.tensor([k]))[:, 0])
-    torch.testing.assert_close(got, torch.stack(want, 1).float(), rtol=1e-3,
-                               atol=1e-4)
+    torch.testing.assert_close(got, torch.stack(want, 1).float(), rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("zero_shot", [False, True])
@@ -263,8 +268,9 @@ def test_greedy_codes_match_original(llm, ref, zero_shot):
     want = _ref_generate(ref, values, STEPS, RP)
     ids, rows = _vllm_prompt(values)
     assert bool(rows) == zero_shot
-    out = llm.generate(TokensPrompt(prompt_token_ids=ids), _params(rows),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        TokensPrompt(prompt_token_ids=ids), _params(rows), use_tqdm=False
+    )[0].outputs[0]
     n = want.shape[1]
     assert n >= 32, "the reference stopped early; pick another prompt"
     assert list(out.token_ids)[:n] == want[0].tolist()
@@ -280,13 +286,19 @@ def test_batch_equals_single(llm, ref):
         _vllm_prompt(_encode(ref, t, r))
         for t, r in [("hello", []), ("the and", [("is it", _ref_codes(ref, 5, 1))])]
     ]
-    batch = llm.generate([TokensPrompt(prompt_token_ids=i) for i, _ in prompts],
-                         [_params(r, steps=16) for _, r in prompts], use_tqdm=False)
+    batch = llm.generate(
+        [TokensPrompt(prompt_token_ids=i) for i, _ in prompts],
+        [_params(r, steps=16) for _, r in prompts],
+        use_tqdm=False,
+    )
     for (ids, rows), b in zip(prompts, batch):
-        one = llm.generate(TokensPrompt(prompt_token_ids=ids), _params(rows, steps=16),
-                           use_tqdm=False)[0]
+        one = llm.generate(
+            TokensPrompt(prompt_token_ids=ids), _params(rows, steps=16), use_tqdm=False
+        )[0]
         assert b.outputs[0].token_ids == one.outputs[0].token_ids
-        assert b.outputs[0].aux_token_ids.tolist() == one.outputs[0].aux_token_ids.tolist()
+        assert (
+            b.outputs[0].aux_token_ids.tolist() == one.outputs[0].aux_token_ids.tolist()
+        )
 
 
 def test_seeded_sampling_reproducible(llm, ref):
@@ -294,10 +306,17 @@ def test_seeded_sampling_reproducible(llm, ref):
     from vllm.inputs import TokensPrompt
 
     ids, _ = _vllm_prompt(_encode(ref, "hello"))
-    p = SamplingParams(temperature=0.8, top_p=0.8, repetition_penalty=1.1,
-                       max_tokens=12, seed=7, detokenize=False)
-    a, b = llm.generate([TokensPrompt(prompt_token_ids=ids)] * 2, [p, p],
-                        use_tqdm=False)
+    p = SamplingParams(
+        temperature=0.8,
+        top_p=0.8,
+        repetition_penalty=1.1,
+        max_tokens=12,
+        seed=7,
+        detokenize=False,
+    )
+    a, b = llm.generate(
+        [TokensPrompt(prompt_token_ids=ids)] * 2, [p, p], use_tqdm=False
+    )
     assert a.outputs[0].token_ids == b.outputs[0].token_ids
     assert a.outputs[0].aux_token_ids.tolist() == b.outputs[0].aux_token_ids.tolist()
     assert (a.outputs[0].aux_token_ids < 1024).all()  # S1 residual-code limit
@@ -310,8 +329,13 @@ def _load_error(ckpt: Path) -> str:
 
     with pytest.MonkeyPatch.context() as mp, pytest.raises(Exception) as e:
         mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        LLM(model=str(ckpt), dtype="float32", enforce_eager=True, max_model_len=128,
-            kv_cache_memory_bytes=16 << 20)
+        LLM(
+            model=str(ckpt),
+            dtype="float32",
+            enforce_eager=True,
+            max_model_len=128,
+            kv_cache_memory_bytes=16 << 20,
+        )
     msg = str(e.value) + repr(e.value.__cause__) + repr(e.value.__context__)
     return msg
 
@@ -387,11 +411,17 @@ def test_converted_checkpoint_same_codes(s1_ckpt, ref, tmp_path):
     values = _encode(ref, "hello the world and the thing")
     want = _ref_generate(ref, values, 32, RP)
     ids, rows = _vllm_prompt(values)
-    conv = LLM(model=str(out), dtype="float32", enforce_eager=True, max_model_len=256,
-               kv_cache_memory_bytes=32 << 20)
+    conv = LLM(
+        model=str(out),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=256,
+        kv_cache_memory_bytes=32 << 20,
+    )
     try:
-        o = conv.generate(TokensPrompt(prompt_token_ids=ids), _params(rows, steps=32),
-                          use_tqdm=False)[0].outputs[0]
+        o = conv.generate(
+            TokensPrompt(prompt_token_ids=ids), _params(rows, steps=32), use_tqdm=False
+        )[0].outputs[0]
     finally:
         del conv
     n = want.shape[1]
@@ -425,11 +455,23 @@ def test_golden_fixtures(kind, tmp_path):
             "make_fish_checkpoint.py changed: re-run fixtures/fish_lm/make_fixture.py"
         )
     if kind == "v15":
-        params = SamplingParams(temperature=0, repetition_penalty=RP, max_tokens=STEPS,
-                                detokenize=False, logprobs=20)
+        params = SamplingParams(
+            temperature=0,
+            repetition_penalty=RP,
+            max_tokens=STEPS,
+            detokenize=False,
+            logprobs=20,
+        )
     else:  # top-k 1 also pins the original's repetition-aware resampling
-        params = SamplingParams(temperature=0.7, top_p=0.9, top_k=1, seed=0,
-                                max_tokens=STEPS, detokenize=False, logprobs=20)
+        params = SamplingParams(
+            temperature=0.7,
+            top_p=0.9,
+            top_k=1,
+            seed=0,
+            max_tokens=STEPS,
+            detokenize=False,
+            logprobs=20,
+        )
     prompts, plist = [], []
     for values in fx["prompts"]:
         ids, rows = _vllm_prompt(values)
@@ -438,8 +480,14 @@ def test_golden_fixtures(kind, tmp_path):
         p.extra_args = {"prompt_aux_codes": rows} if rows else None
         plist.append(p)
     assert plist[1].extra_args is not None
-    llm = LLM(model=str(path), dtype="float32", enforce_eager=True,
-              max_model_len=256, max_logprobs=20, kv_cache_memory_bytes=32 << 20)
+    llm = LLM(
+        model=str(path),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=256,
+        max_logprobs=20,
+        kv_cache_memory_bytes=32 << 20,
+    )
     try:
         outs = llm.generate(prompts, plist, use_tqdm=False)
     finally:
@@ -452,8 +500,11 @@ def test_golden_fixtures(kind, tmp_path):
         # first entry: the sampled token (S2: the best *semantic* one; the
         # log-probs are of the raw logits), then the top 20
         torch.testing.assert_close(
-            torch.tensor([lp[i].logprob for i in got_ids]), want[got_ids],
-            rtol=1e-3, atol=1e-4)
+            torch.tensor([lp[i].logprob for i in got_ids]),
+            want[got_ids],
+            rtol=1e-3,
+            atol=1e-4,
+        )
         n = frames.shape[1]
         assert n == STEPS
         assert list(o.token_ids) == frames[0].tolist()

@@ -66,6 +66,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.fish_speech_tts import FishSpeechTTSMixin
 from vllm.sequence import IntermediateTensors
 
 if TYPE_CHECKING:
@@ -422,6 +423,7 @@ def _fish_sample(
     penalty: torch.Tensor,
     prev: torch.Tensor | None,
     generators: dict[int, torch.Generator],
+    all_greedy: bool = False,
 ) -> torch.Tensor:
     """A batch of fish-speech ``sample`` calls: logits [R, V] fp32, per-row
     params [R], prev [R, P] ids to penalise. The draw is
@@ -430,7 +432,7 @@ def _fish_sample(
     the original)."""
     logits = _fish_penalize(logits, penalty, prev)
     out = logits.argmax(dim=-1)
-    if bool(greedy.all()):
+    if all_greedy:
         return out
     probs = _fish_probs(logits, temperature, top_p)
     sampled = torch.argmax(probs / _exp_noise(probs, generators), dim=-1)
@@ -444,12 +446,13 @@ def _s2_sample(
     top_p: torch.Tensor,
     top_k: torch.Tensor | None,
     generators: dict[int, torch.Generator],
+    all_greedy: bool = False,
 ) -> torch.Tensor:
     """S2 ``logits_to_probs``: top-p (untempered softmax) or top-k removes a
     sorted position (the top one is always kept), then the temperature, then
     ``argmax(probs / Exp(1))``. Greedy rows: argmax."""
     out = logits.argmax(dim=-1)
-    if bool(greedy.all()):
+    if all_greedy:
         return out
     sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
     cum = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
@@ -471,7 +474,7 @@ def _s2_sample(
 # --------------------------------------------------------------------------
 
 
-class FishSpeechForCausalLM(nn.Module):
+class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
     """Fish Speech dual-AR LM (``SupportsMultiCodebook``)."""
 
     supports_multi_codebook: ClassVar[Literal[True]] = True
@@ -571,8 +574,6 @@ class FishSpeechForCausalLM(nn.Module):
         x = self.model.embeddings(input_ids)
         ids = input_ids.long()
         is_sem = (ids >= self.semantic_begin_id) & (ids <= self.semantic_end_id)
-        if not bool(is_sem.any()):
-            return x
         c0 = torch.where(is_sem, ids - self.semantic_begin_id, 0)
         if aux_codes is None:
             aux_codes = ids.new_zeros(ids.shape[0], self.num_aux_codebooks)
@@ -605,9 +606,7 @@ class FishSpeechForCausalLM(nn.Module):
 
     # ---- fast model ----
 
-    def fast_logits(
-        self, x: torch.Tensor, start: int, caches: list
-    ) -> torch.Tensor:
+    def fast_logits(self, x: torch.Tensor, start: int, caches: list) -> torch.Tensor:
         """Run positions [start, start+L) of x [R, L, fast_dim]; fp32 logits
         of the last position [R, codebook_size]."""
         for layer, cache in zip(self.fast_layers, caches):
@@ -644,6 +643,7 @@ class FishSpeechForCausalLM(nn.Module):
         else:
             temperature = md.temperature[:rows].float()
         greedy = temperature < _SAMPLING_EPS
+        all_greedy = bool(md.all_greedy) or md.temperature is None  # no sync
         top_p = (
             md.top_p[:rows].float()
             if md.top_p is not None
@@ -656,8 +656,15 @@ class FishSpeechForCausalLM(nn.Module):
 
         if self.version == "s2":
             return self._sample_s2(
-                logits, hidden_states, history, greedy, temperature, top_p, top_k,
+                logits,
+                hidden_states,
+                history,
+                greedy,
+                temperature,
+                top_p,
+                top_k,
                 generators,
+                all_greedy,
             )
 
         if self.version == "s1":
@@ -681,13 +688,17 @@ class FishSpeechForCausalLM(nn.Module):
         has_prev = valid[:, 0]
         penalty = torch.where(has_prev, penalty, torch.ones_like(penalty))
 
-        if self.version == "s1":
-            slow_prev = window[:, 0, :]  # window column 0: one frame, all rows
-        else:
-            slow_prev = window[:, :, 0]  # 1.5: the main-token row
+        # S1: window column 0 (one frame, all rows); 1.5: the main-token row
+        slow_prev = window[:, 0, :] if self.version == "s1" else window[:, :, 0]
         main = _fish_sample(
-            logits.clone(), greedy, temperature, top_p, penalty, slow_prev,
+            logits,
+            greedy,
+            temperature,
+            top_p,
+            penalty,
+            slow_prev,
             generators,
+            all_greedy,
         )
 
         c0_new = (main - self.semantic_begin_id).clamp(0, self.codebook_size - 1)
@@ -701,8 +712,14 @@ class FishSpeechForCausalLM(nn.Module):
             lg = self.fast_logits(x, pos, caches)[:, :lim]
             pos += x.shape[1]
             ck = _fish_sample(
-                lg, greedy, temperature, top_p, penalty, window[:, :, k + 1],
+                lg,
+                greedy,
+                temperature,
+                top_p,
+                penalty,
+                window[:, :, k + 1],
                 generators,
+                all_greedy,
             )
             codes.append(ck)
             x = self.fast_embeddings(ck)[:, None]
@@ -710,8 +727,16 @@ class FishSpeechForCausalLM(nn.Module):
         return main.long(), aux.long()
 
     def _sample_s2(
-        self, logits, hidden_states, history, greedy, temperature, top_p, top_k,
+        self,
+        logits,
+        hidden_states,
+        history,
+        greedy,
+        temperature,
+        top_p,
+        top_k,
         generators,
+        all_greedy=False,
     ):
         """S2 ``decode_one_token_ar``: slow token limited to the semantic ids
         and ``<|im_end|>``; repetition-aware sampling (a semantic token found
@@ -727,16 +752,22 @@ class FishSpeechForCausalLM(nn.Module):
         allowed[self.semantic_begin_id : self.semantic_end_id + 1] = True
         allowed[self.im_end_id] = True
         logits = logits.masked_fill(~allowed, float("-inf"))
-        main = _s2_sample(logits, greedy, temperature, top_p, top_k, generators)
+        main = _s2_sample(
+            logits, greedy, temperature, top_p, top_k, generators, all_greedy
+        )
         # history [R, 11, K]: column 0 is the first generated frame (sampled at
         # prefill), which the original's rolling window never holds.
         recent = history[:, 1 : 1 + _S2_RAS_WINDOW, 0]
         is_sem = (main >= self.semantic_begin_id) & (main <= self.semantic_end_id)
         repeated = is_sem & (recent == main[:, None]).any(dim=1) & ~greedy
-        if bool(repeated.any()):
+        if not all_greedy:
             alt = _s2_sample(
-                logits, torch.zeros_like(greedy), torch.ones_like(temperature),
-                torch.full_like(top_p, 0.9).to(mdtype).float(), top_k, generators,
+                logits,
+                torch.zeros_like(greedy),
+                torch.ones_like(temperature),
+                torch.full_like(top_p, 0.9).to(mdtype).float(),
+                top_k,
+                generators,
             )
             main = torch.where(repeated, alt, main)
         c0 = (main - self.semantic_begin_id).clamp(0, self.codebook_size - 1)
@@ -747,7 +778,9 @@ class FishSpeechForCausalLM(nn.Module):
         for _ in range(1, self.num_codebooks):
             lg = self.fast_logits(x, pos, caches)
             pos += x.shape[1]
-            ck = _s2_sample(lg, greedy, temperature, top_p, top_k, generators)
+            ck = _s2_sample(
+                lg, greedy, temperature, top_p, top_k, generators, all_greedy
+            )
             codes.append(ck)
             x = self.fast_embeddings(ck)[:, None]
         return main.long(), torch.stack(codes, dim=1).long()
@@ -797,14 +830,13 @@ class FishSpeechForCausalLM(nn.Module):
         fast_split: dict[str, dict[str, torch.Tensor]] = {}
         unexpected: list[str] = []
         for name, w in self._remap_release_names(weights):
-            if name.startswith(self._SLOW_PREFIXES):
-                target = "model." + name
-            else:
-                target = name
+            target = "model." + name if name.startswith(self._SLOW_PREFIXES) else name
             shard = None
             if target.startswith("model.layers."):
-                if ".attention.wq." in target or ".attention.wk." in target or (
-                    ".attention.wv." in target
+                if (
+                    ".attention.wq." in target
+                    or ".attention.wk." in target
+                    or (".attention.wv." in target)
                 ):
                     shard = target.split(".attention.w", 1)[1][0]
                     target = target.replace(f".attention.w{shard}.", ".attention.wqkv.")

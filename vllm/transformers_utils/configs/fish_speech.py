@@ -145,9 +145,18 @@ class FishSpeechConfig(_FishDualARConfigBase):
         self.semantic_begin_id = semantic_begin_id
         self.semantic_end_id = semantic_end_id
         self.im_end_id = im_end_id
-        for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
-                  "num_hidden_layers", "max_position_embeddings", "rope_theta",
-                  "rope_parameters", "rms_norm_eps", "hidden_act", "head_dim"):
+        for k in (
+            "hidden_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "num_hidden_layers",
+            "max_position_embeddings",
+            "rope_theta",
+            "rope_parameters",
+            "rms_norm_eps",
+            "hidden_act",
+            "head_dim",
+        ):
             kwargs.pop(k, None)
         super().__init__(
             architectures=architectures or [FISH_DUAL_AR_ARCH],
@@ -220,10 +229,19 @@ class FishQwen3OmniConfig(_FishDualARConfigBase):
             flat_in = {k: v for k, v in flat_in.items() if v is not None}
         flat = resolve_dual_ar_args(flat_in, "s2")
         for k in list(_DUAL_AR_DEFAULTS) + [
-            "hidden_size", "num_attention_heads", "num_key_value_heads",
-            "num_hidden_layers", "max_position_embeddings", "rope_theta",
-            "rope_parameters", "rms_norm_eps", "hidden_act", "head_dim",
-            "semantic_begin_id", "semantic_end_id", "im_end_id",
+            "hidden_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "num_hidden_layers",
+            "max_position_embeddings",
+            "rope_theta",
+            "rope_parameters",
+            "rms_norm_eps",
+            "hidden_act",
+            "head_dim",
+            "semantic_begin_id",
+            "semantic_end_id",
+            "im_end_id",
         ]:
             kwargs.pop(k, None)
         self._set_dual_ar(flat)
