@@ -7,12 +7,18 @@ checkpoints (tiny, random weights, in each model's original release format)
 and calls it with the official `openai` client:
 
 1. a text completion on a tiny Qwen2 (tools/make_demo_checkpoint.py);
-2. FireRedASR-AED (tools/make_fireredasr_checkpoint.py) transcribing a WAV
-   through /v1/audio/transcriptions (random weights: the text is noise).
+2. Fish Speech (OpenAudio S1 release layout: model.pth, config.json,
+   tokenizer.tiktoken, special_tokens.json, codec.pth; made by
+   tools/make_fish_checkpoint.py and tools/make_fish_codec.py) synthesizing
+   a WAV through /v1/audio/speech, one-shot and streamed;
+3. FireRedASR-AED (tools/make_fireredasr_checkpoint.py) transcribing that WAV
+   through /v1/audio/transcriptions.
+Random weights: the speech is noise-like and the text is noise.
 
     .venv/bin/python tools/demo.py [--out demo-out]
 
-Results: demo-out/completion.json, demo-out/transcript.json, server logs.
+Results: demo-out/completion.json, demo-out/speech.wav, demo-out/speech.json,
+demo-out/transcript.json, server logs.
 """
 
 from __future__ import annotations
@@ -113,6 +119,52 @@ def transcribe_demo(out: Path, wav: Path) -> dict:
     return result
 
 
+def speech_demo(out: Path, text: str) -> dict:
+    """Serve the embedded Fish Speech demo checkpoint and synthesize `text`
+    to demo-out/speech.wav with the openai client (one-shot and streamed)."""
+    import io
+
+    import soundfile
+    import torch
+    from make_fish_checkpoint import make_s1
+    from make_fish_codec import make_s1_codec
+    from openai import OpenAI
+
+    ckpt = ROOT / "build" / "demo" / "openaudio-s1-tiny"
+    if not (ckpt / "codec.pth").is_file():
+        make_s1(ckpt, seed=0, dtype=torch.float32, dims={"num_codebooks": 10},
+                codebook_size=4096)
+        make_s1_codec(ckpt / "codec.pth", seed=0)
+    t0 = time.monotonic()
+    with serve(ckpt, ["--dtype", "float32", "--enforce-eager",
+                      "--max-model-len", "512", "--max-num-seqs", "4",
+                      "--kv-cache-memory-bytes", str(64 << 20)],
+               log_path=out / "tts-server.log") as base:
+        ready = time.monotonic() - t0
+        client = OpenAI(base_url=base + "/v1", api_key="EMPTY")
+        model = client.models.list().data[0].id
+        t1 = time.monotonic()
+        res = client.audio.speech.create(model=model, input=text, voice="default",
+                                         response_format="wav",
+                                         extra_body={"seed": 0, "max_new_tokens": 64})
+        took = time.monotonic() - t1
+        wav = out / "speech.wav"
+        wav.write_bytes(res.content)
+        streamed = 0
+        with client.audio.speech.with_streaming_response.create(
+                model=model, input=text, voice="default", response_format="pcm",
+                extra_body={"seed": 0, "max_new_tokens": 64,
+                            "stream_format": "audio"}) as resp:
+            for chunk in resp.iter_bytes():
+                streamed += len(chunk)
+    audio, sr = soundfile.read(io.BytesIO(res.content))
+    result = {"model": model, "input": text, "wav": str(wav), "sample_rate": sr,
+              "audio_s": round(len(audio) / sr, 3), "request_s": round(took, 2),
+              "streamed_pcm_bytes": streamed, "server_ready_s": round(ready, 1)}
+    (out / "speech.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
 def completion_demo(out: Path, prompt: str) -> dict:
     from make_demo_checkpoint import make_checkpoint
     from openai import OpenAI
@@ -138,26 +190,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=ROOT / "demo-out")
     ap.add_argument("--prompt", default="The quick brown fox")
+    ap.add_argument("--text", default="Hello world, and the rest of it.")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     print(json.dumps(completion_demo(a.out, a.prompt), indent=2))
-    # Speech recognition of a WAV through /v1/audio/transcriptions.
-    wav = a.out / "input.wav"
-    write_demo_wav(wav)
-    print(json.dumps(transcribe_demo(a.out, wav), indent=2, ensure_ascii=False))
-
-
-def write_demo_wav(path: Path, seconds: float = 3.0, sr: int = 24000) -> None:
-    """A deterministic speech-like test signal (voiced chirps with pauses)."""
-    import numpy as np
-    import soundfile
-
-    t = np.arange(int(seconds * sr)) / sr
-    f0 = 120 + 60 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / sr
-    voice = sum(np.sin(k * phase) / k for k in range(1, 8))
-    envelope = (np.sin(2 * np.pi * 2.0 * t) > -0.3).astype(float)
-    soundfile.write(path, (0.2 * voice * envelope).astype(np.float32), sr)
+    # Text to speech through /v1/audio/speech, then speech recognition of
+    # that WAV through /v1/audio/transcriptions.
+    speech = speech_demo(a.out, a.text)
+    print(json.dumps(speech, indent=2))
+    print(json.dumps(transcribe_demo(a.out, Path(speech["wav"])), indent=2,
+                     ensure_ascii=False))
 
 
 if __name__ == "__main__":

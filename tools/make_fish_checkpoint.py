@@ -109,14 +109,32 @@ def _spread(sd: dict, seed: int) -> dict:
     return sd
 
 
-def make_s1(out: Path, seed: int, dtype: torch.dtype) -> None:
+def sized_ranks(n: int) -> dict[bytes, int]:
+    """``n`` BPE ranks: the byte tokens, then all byte pairs and triples in
+    order (a release-sized vocabulary for benchmarks; S1 has 151643)."""
+    ranks = byte_ranks()
+    width = 2
+    while len(ranks) < n:
+        for i in range(256 ** width):
+            tok = i.to_bytes(width, "big")
+            if tok not in ranks:
+                ranks[tok] = len(ranks)
+                if len(ranks) == n:
+                    break
+        width += 1
+    return ranks
+
+
+def make_s1(out: Path, seed: int, dtype: torch.dtype, dims: dict | None = None,
+            codebook_size: int = 1040, n_ranks: int | None = None) -> None:
+    """``dims`` overrides TINY (e.g. the S1-mini sizes, or num_codebooks=10 to
+    pair with a release-layout codec); ``n_ranks`` sizes the BPE."""
     llama = import_reference_llama()
     DualARModelArgs, DualARTransformer = llama.DualARModelArgs, llama.DualARTransformer
     from fish_speech.tokenizer import FishTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    codebook_size = 1040
-    ranks = byte_ranks()
+    ranks = sized_ranks(n_ranks) if n_ranks else byte_ranks()
     write_tiktoken(out / "tokenizer.tiktoken", ranks)
     specials = S1_SPECIALS + [f"<|semantic:{i}|>" for i in range(codebook_size)]
     tok = FishTokenizer(str(out / "tokenizer.tiktoken"), specials)
@@ -130,7 +148,7 @@ def make_s1(out: Path, seed: int, dtype: torch.dtype) -> None:
         attention_qk_norm=True, attention_o_bias=False, attention_qkv_bias=False,
         fast_attention_qk_norm=False, fast_attention_o_bias=False,
         fast_attention_qkv_bias=False, scale_codebook_embeddings=True,
-        initializer_range=0.08, **TINY,
+        initializer_range=0.08, **{**TINY, **(dims or {})},
     )
     torch.manual_seed(seed)
     model = DualARTransformer(cfg, tokenizer=tok)
