@@ -10,6 +10,9 @@
     CosyVoice-BlankEN/       Qwen2 config.json + model.safetensors + tokenizer
     flow.pt, hift.pt         built with the original classes
                              (cosyvoice-minicpmo), saved as state dicts
+    speech_tokenizer_v2.onnx, campplus.onnx
+                             tiny random graphs with the originals'
+                             interfaces (when the onnx package is present)
     spk2info.pt              one zero-shot speaker ("spk_a", the layout
                              CosyVoice2.add_zero_shot_spk saves) and one SFT
                              speaker ("spk_sft": embedding only)
@@ -294,6 +297,57 @@ def _flow_hift(d: dict, seed: int):
     return flow.eval(), hift.eval()
 
 
+def make_onnx_frontend(out: Path, speech_token_size: int, seed: int = 0) -> None:
+    """Tiny random stand-ins for ``speech_tokenizer_v2.onnx`` and
+    ``campplus.onnx`` with the originals' interfaces: (feats [1, 128, T] f32,
+    feats_length [1] int32) -> tokens [1, ceil(T / 4)] (25 Hz), and fbank
+    [1, T, 80] f32 -> x-vector [1, 192]. Needs the ``onnx`` package."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(
+        rng.standard_normal((128, speech_token_size)).astype(np.float32), "w")
+    starts = numpy_helper.from_array(np.array([0], np.int64), "starts")
+    ends = numpy_helper.from_array(np.array([1 << 30], np.int64), "ends")
+    axes = numpy_helper.from_array(np.array([2], np.int64), "axes")
+    steps = numpy_helper.from_array(np.array([4], np.int64), "steps")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Slice", ["feats", "starts", "ends", "axes", "steps"], ["s"]),
+            helper.make_node("Transpose", ["s"], ["t"], perm=[0, 2, 1]),
+            helper.make_node("MatMul", ["t", "w"], ["logits"]),
+            helper.make_node("ArgMax", ["logits"], ["a"], axis=2, keepdims=0),
+            helper.make_node("Cast", ["a"], ["indices"], to=TensorProto.INT32),
+        ],
+        "speech_tokenizer",
+        [helper.make_tensor_value_info("feats", TensorProto.FLOAT, [1, 128, "T"]),
+         helper.make_tensor_value_info("feats_length", TensorProto.INT32, [1])],
+        [helper.make_tensor_value_info("indices", TensorProto.INT32, [1, "N"])],
+        [w, starts, ends, axes, steps],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(out / "speech_tokenizer_v2.onnx"))
+
+    wc = numpy_helper.from_array(
+        rng.standard_normal((80, 192)).astype(np.float32) / 9.0, "wc")
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["input"], ["m"], axes=[1], keepdims=0),
+            helper.make_node("MatMul", ["m", "wc"], ["output"]),
+        ],
+        "campplus",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, "T", 80])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 192])],
+        [wc],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(out / "campplus.onnx"))
+
+
 def make_release_dir(out: str | Path, size: str = "tiny", seed: int = 0,
                      audio: bool = True) -> Path:
     import torch
@@ -308,6 +362,10 @@ def make_release_dir(out: str | Path, size: str = "tiny", seed: int = 0,
         flow, hift = _flow_hift(d, seed)
         torch.save(flow.state_dict(), out / "flow.pt")
         torch.save(hift.state_dict(), out / "hift.pt")
+    try:
+        make_onnx_frontend(out, d["speech_token_size"], seed)
+    except ImportError:
+        pass  # no onnx package: the directory has no zero-shot frontend
     g = torch.Generator().manual_seed(seed + 2)
     s = d["speech_token_size"]
     n_prompt = 12

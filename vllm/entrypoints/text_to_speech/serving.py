@@ -442,6 +442,17 @@ class OpenAIServingSpeech(GenerateBaseServing):
                     first_audio_s = time.monotonic() - t0
                 total_samples += audio.size
                 yield emit(audio)
+            # Optional: audio a session holds back (look-ahead, cross-fade)
+            # until it knows that no frames follow.
+            finish = getattr(session, "finish", None)
+            if finish is not None:
+                audio = await self.worker.call(finish)
+                audio = change_tempo(np.asarray(audio, np.float32), p.speed, sr)
+                if audio.size:
+                    if first_audio_s is None:
+                        first_audio_s = time.monotonic() - t0
+                    total_samples += audio.size
+                    yield emit(audio)
             elapsed = time.monotonic() - t0
             metrics.observe_request(first_audio_s or elapsed, elapsed, total_samples / sr)
             if stream_format == "sse":

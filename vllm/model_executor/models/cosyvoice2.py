@@ -636,6 +636,7 @@ class CosyVoice2SpeechDecoder:
                     [c[0] for c in conds],
                     [c[1] for c in conds],
                     torch.cat([c[2] for c in conds], dim=0),
+                    generators=[self._generator() for _ in idx],
                 )
             for i, w in zip(idx, wavs):
                 out[i] = w.reshape(-1).float().cpu().numpy()
@@ -643,7 +644,14 @@ class CosyVoice2SpeechDecoder:
 
     def open_stream(self, voice: VoicePrompt | None = None) -> CosyVoice2DecoderStream:
         tokens, feat, emb = self._condition(voice)
-        return CosyVoice2DecoderStream(self.t2w.stream(tokens, feat, emb))
+        return CosyVoice2DecoderStream(
+            self.t2w.stream(tokens, feat, emb, generator=self._generator())
+        )
+
+    def _generator(self) -> torch.Generator:
+        """HiFT's excitation noise, seeded per utterance: the same tokens
+        give the same audio (the original draws from the global RNG)."""
+        return torch.Generator(device=self.device).manual_seed(0)
 
     def encode_reference(
         self, audio: np.ndarray, sample_rate: int, ref_text: str
@@ -743,16 +751,24 @@ class CosyVoice2Frontend:
         )
 
 
+def slaney_mel_filters(
+    sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None
+) -> torch.Tensor:
+    """``librosa.filters.mel`` (slaney scale and norm) as [n_mels, n_fft//2+1]."""
+    import torchaudio
+
+    return torchaudio.functional.melscale_fbanks(
+        n_fft // 2 + 1, fmin, fmax if fmax is not None else sr / 2, n_mels, sr,
+        norm="slaney", mel_scale="slaney",
+    ).T.contiguous()
+
+
 def whisper_log_mel(audio: torch.Tensor, n_mels: int = 128) -> torch.Tensor:
     """``whisper.log_mel_spectrogram`` (n_fft 400, hop 160, slaney mel)."""
-    import librosa
-
     window = torch.hann_window(400)
     stft = torch.stft(audio, 400, 160, window=window, return_complex=True)
     mag = stft[..., :-1].abs() ** 2
-    filters = torch.as_tensor(
-        librosa.filters.mel(sr=16000, n_fft=400, n_mels=n_mels), dtype=torch.float32
-    )
+    filters = slaney_mel_filters(16000, 400, n_mels)
     log_spec = torch.clamp(filters @ mag, min=1e-10).log10()
     log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
     return (log_spec + 4.0) / 4.0
@@ -763,12 +779,7 @@ def matcha_mel(
     n_mels: int = 80, sr: int = 24000, fmin: float = 0.0, fmax: float = 8000.0,
 ) -> torch.Tensor:
     """``matcha.utils.audio.mel_spectrogram`` with CosyVoice2's parameters."""
-    import librosa
-
-    mel_basis = torch.as_tensor(
-        librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax),
-        dtype=torch.float32,
-    )
+    mel_basis = slaney_mel_filters(sr, n_fft, n_mels, fmin, fmax)
     pad = (n_fft - hop) // 2
     y = torch.nn.functional.pad(y[:, None], (pad, pad), mode="reflect")[:, 0]
     spec = torch.stft(

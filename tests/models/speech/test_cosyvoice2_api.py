@@ -1,0 +1,180 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: Copyright contributors to the vLLM project
+"""CosyVoice2 end to end on CPU: ``vllm.entrypoints.openai.api_server`` on a
+tiny random release directory (original format, see
+``tools/make_cosyvoice2_checkpoint.py``), called with the ``openai`` client
+and plain HTTP on ``/v1/audio/speech`` and ``/v1/audio/voices``.
+
+One server for the module (engine start dominates).
+"""
+
+import base64
+import io
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+REPO = Path(os.path.realpath(__file__)).parents[3]
+sys.path.insert(0, str(REPO / "tools"))
+
+SR = 24000
+SAMPLES_PER_TOKEN = 960  # 25 Hz tokens, 24 kHz audio
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    t = np.arange(2 * 16000) / 16000
+    ref = (0.4 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 2 * t))
+    soundfile.write(d / "ref.wav", ref.astype(np.float32), 16000)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, media_dir):
+    from demo import serve
+    from make_cosyvoice2_checkpoint import make_release_dir
+
+    ckpt = make_release_dir(tmp_path_factory.mktemp("ckpt") / "CosyVoice2-tiny")
+    voices = tmp_path_factory.mktemp("voices")
+    with serve(ckpt, [
+        "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "8",
+        "--kv-cache-memory-bytes", str(64 << 20), "--enforce-eager",
+        "--speech-voices-dir", str(voices),
+        "--allowed-local-media-path", str(media_dir),
+    ]) as base:
+        yield {"base": base, "model": str(ckpt)}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["base"] + "/v1", api_key="EMPTY")
+
+
+def post(server, path, body=None, *, data=None, headers=None, method="POST"):
+    req = urllib.request.Request(
+        server["base"] + path, method=method,
+        data=data if data is not None else (json.dumps(body).encode() if body else None),
+        headers=headers or {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, r.headers.get("content-type"), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("content-type"), e.read()
+
+
+def speak(server, **fields):
+    body = {"model": server["model"], "input": "hello world", "voice": "default"}
+    body.update(fields)
+    return post(server, "/v1/audio/speech", body)
+
+
+def test_openai_client_wav(client, server):
+    res = client.audio.speech.create(
+        model=server["model"], voice="default", input="hello world",
+        response_format="wav", extra_body={"seed": 3})
+    audio, sr = soundfile.read(io.BytesIO(res.content), dtype="float32")
+    assert sr == SR
+    assert len(audio) > 0 and len(audio) % SAMPLES_PER_TOKEN == 0
+    assert np.isfinite(audio).all() and np.abs(audio).max() <= 1.0
+    again = client.audio.speech.create(
+        model=server["model"], voice="default", input="hello world",
+        response_format="wav", extra_body={"seed": 3})
+    assert again.content == res.content  # seeded RAS, seeded vocoder noise
+
+
+def test_openai_client_streaming(client, server):
+    body = {"seed": 5, "temperature": 0.0}
+    one_shot = client.audio.speech.create(
+        model=server["model"], voice="default", input="stream me please",
+        response_format="pcm", extra_body=body)
+    with client.audio.speech.with_streaming_response.create(
+            model=server["model"], voice="default", input="stream me please",
+            response_format="pcm", extra_body={**body, "stream_format": "audio"}) as r:
+        chunks = list(r.iter_bytes())
+    streamed = b"".join(chunks)
+    # chunked flow + HiFT cache (as the original's stream=True): the same
+    # length as the one-shot audio, not the same samples
+    assert len(streamed) == len(one_shot.content) > 0
+    pcm = np.frombuffer(streamed, "<i2")
+    assert np.abs(pcm).max() > 0
+
+
+def test_sse_stream(server):
+    status, ctype, body = speak(server, input="events please", response_format="pcm",
+                                stream_format="sse", temperature=0.0)
+    assert status == 200 and ctype.startswith("text/event-stream")
+    events = [json.loads(line[6:]) for line in body.decode().splitlines()
+              if line.startswith("data: ")]
+    deltas = [e for e in events if e["type"] == "speech.audio.delta"]
+    assert deltas and events[-1]["type"] == "speech.audio.done"
+    pcm = b"".join(base64.b64decode(e["audio"]) for e in deltas)
+    assert len(pcm) == events[-1]["usage"]["output_tokens"] * SAMPLES_PER_TOKEN * 2
+
+
+def test_presets_modes_and_formats(server):
+    _, _, default = speak(server, response_format="pcm", temperature=0.0)
+    s1, _, spk = speak(server, response_format="pcm", voice="spk_a", temperature=0.0)
+    s2, _, sft = speak(server, response_format="pcm", voice="spk_sft", temperature=0.0)
+    assert (s1, s2) == (200, 200) and spk != default and sft != default
+    s3, _, ins = speak(server, response_format="pcm", voice="spk_a", temperature=0.0,
+                       extra_args={"instruct_text": "speak slowly"})
+    assert s3 == 200 and ins != spk
+    s4, _, flac = speak(server, response_format="flac")
+    assert s4 == 200 and soundfile.info(io.BytesIO(flac)).format == "FLAC"
+    s5, _, short = speak(server, response_format="pcm", max_new_tokens=3)
+    assert s5 == 200 and len(short) == 3 * SAMPLES_PER_TOKEN * 2
+
+
+def test_zero_shot_and_named_voice(server, media_dir):
+    raw = (media_dir / "ref.wav").read_bytes()
+    _, _, plain = speak(server, response_format="pcm", temperature=0.0)
+    s1, _, a = speak(server, response_format="pcm", temperature=0.0,
+                     ref_text="a reference", ref_audio=base64.b64encode(raw).decode())
+    s2, _, b = speak(server, response_format="pcm", temperature=0.0,
+                     ref_text="a reference", ref_audio=f"file://{media_dir / 'ref.wav'}")
+    assert (s1, s2) == (200, 200) and a == b and a != plain
+    s3, _, c = speak(server, response_format="pcm", temperature=0.0,
+                     ref_text="a reference", ref_audio=f"file://{media_dir / 'ref.wav'}",
+                     extra_args={"mode": "cross_lingual"})
+    assert s3 == 200 and c != a
+
+    boundary = "cv2boundary"
+    parts = []
+    for name, value in (("name", "alice"), ("ref_text", "a reference")):
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; '
+                     f'name="{name}"\r\n\r\n{value}\r\n'.encode())
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="audio"; '
+                 f'filename="ref.wav"\r\nContent-Type: audio/wav\r\n\r\n'.encode()
+                 + raw + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    status, _, body = post(server, "/v1/audio/voices", data=b"".join(parts),
+                           headers={"Content-Type":
+                                    f"multipart/form-data; boundary={boundary}"})
+    assert status == 200, body
+    s4, _, d = speak(server, response_format="pcm", temperature=0.0, voice="alice")
+    assert s4 == 200 and d == a
+
+
+@pytest.mark.parametrize("fields,code", [
+    ({"input": ""}, 400),
+    ({"voice": "nobody"}, 404),
+    ({"ref_audio": "AAAA"}, 400),  # no ref_text
+    ({"extra_args": {"mode": "sing"}}, 400),
+    ({"extra_args": {"mode": "instruct2"}}, 400),  # no instruct_text
+    ({"response_format": "aiff"}, 400),
+    ({"speed": 9.0}, 400),
+])
+def test_bad_requests(server, fields, code):
+    status, _, body = speak(server, **fields)
+    assert status == code, body
+    assert "error" in json.loads(body)
