@@ -81,18 +81,16 @@ def cosyvoice2_config_dict(model: str | Path) -> dict[str, Any]:
     text_vocab = int(qwen.vocab_size)
     speech_token_size = int(llm.get("speech_token_size", 6561))
     hidden = int(llm.get("llm_input_size", qwen.hidden_size))
-    if hidden != qwen.hidden_size or int(
-        llm.get("llm_output_size", hidden)
-    ) != int(qwen.hidden_size):
+    if hidden != qwen.hidden_size or int(llm.get("llm_output_size", hidden)) != int(
+        qwen.hidden_size
+    ):
         raise ValueError(
             f"{model}: llm_input_size/llm_output_size do not match the hidden "
             f"size of {QWEN_DIR_NAME} ({qwen.hidden_size})"
         )
     sampling = dict(RAS_DEFAULTS)
     if isinstance(llm.get("sampling"), dict):
-        sampling.update(
-            {k: v for k, v in llm["sampling"].items() if k in RAS_DEFAULTS}
-        )
+        sampling.update({k: v for k, v in llm["sampling"].items() if k in RAS_DEFAULTS})
     config_dict = qwen.to_dict()
     config_dict.update(
         architectures=[ARCH],

@@ -32,7 +32,7 @@ SAMPLES_PER_TOKEN = 960  # 25 Hz tokens, 24 kHz audio
 def media_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("media")
     t = np.arange(2 * 16000) / 16000
-    ref = (0.4 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 2 * t))
+    ref = 0.4 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 2 * t)
     soundfile.write(d / "ref.wav", ref.astype(np.float32), 16000)
     return d
 
@@ -44,12 +44,24 @@ def server(tmp_path_factory, media_dir):
 
     ckpt = make_release_dir(tmp_path_factory.mktemp("ckpt") / "CosyVoice2-tiny")
     voices = tmp_path_factory.mktemp("voices")
-    with serve(ckpt, [
-        "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "8",
-        "--kv-cache-memory-bytes", str(64 << 20), "--enforce-eager",
-        "--speech-voices-dir", str(voices),
-        "--allowed-local-media-path", str(media_dir),
-    ]) as base:
+    with serve(
+        ckpt,
+        [
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "1024",
+            "--max-num-seqs",
+            "8",
+            "--kv-cache-memory-bytes",
+            str(64 << 20),
+            "--enforce-eager",
+            "--speech-voices-dir",
+            str(voices),
+            "--allowed-local-media-path",
+            str(media_dir),
+        ],
+    ) as base:
         yield {"base": base, "model": str(ckpt)}
 
 
@@ -62,9 +74,13 @@ def client(server):
 
 def post(server, path, body=None, *, data=None, headers=None, method="POST"):
     req = urllib.request.Request(
-        server["base"] + path, method=method,
-        data=data if data is not None else (json.dumps(body).encode() if body else None),
-        headers=headers or {"Content-Type": "application/json"})
+        server["base"] + path,
+        method=method,
+        data=data
+        if data is not None
+        else (json.dumps(body).encode() if body else None),
+        headers=headers or {"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=300) as r:
             return r.status, r.headers.get("content-type"), r.read()
@@ -80,26 +96,42 @@ def speak(server, **fields):
 
 def test_openai_client_wav(client, server):
     res = client.audio.speech.create(
-        model=server["model"], voice="default", input="hello world",
-        response_format="wav", extra_body={"seed": 3})
+        model=server["model"],
+        voice="default",
+        input="hello world",
+        response_format="wav",
+        extra_body={"seed": 3},
+    )
     audio, sr = soundfile.read(io.BytesIO(res.content), dtype="float32")
     assert sr == SR
     assert len(audio) > 0 and len(audio) % SAMPLES_PER_TOKEN == 0
     assert np.isfinite(audio).all() and np.abs(audio).max() <= 1.0
     again = client.audio.speech.create(
-        model=server["model"], voice="default", input="hello world",
-        response_format="wav", extra_body={"seed": 3})
+        model=server["model"],
+        voice="default",
+        input="hello world",
+        response_format="wav",
+        extra_body={"seed": 3},
+    )
     assert again.content == res.content  # seeded RAS, seeded vocoder noise
 
 
 def test_openai_client_streaming(client, server):
     body = {"seed": 5, "temperature": 0.0}
     one_shot = client.audio.speech.create(
-        model=server["model"], voice="default", input="stream me please",
-        response_format="pcm", extra_body=body)
+        model=server["model"],
+        voice="default",
+        input="stream me please",
+        response_format="pcm",
+        extra_body=body,
+    )
     with client.audio.speech.with_streaming_response.create(
-            model=server["model"], voice="default", input="stream me please",
-            response_format="pcm", extra_body={**body, "stream_format": "audio"}) as r:
+        model=server["model"],
+        voice="default",
+        input="stream me please",
+        response_format="pcm",
+        extra_body={**body, "stream_format": "audio"},
+    ) as r:
         chunks = list(r.iter_bytes())
     streamed = b"".join(chunks)
     # chunked flow + HiFT cache (as the original's stream=True): the same
@@ -110,11 +142,19 @@ def test_openai_client_streaming(client, server):
 
 
 def test_sse_stream(server):
-    status, ctype, body = speak(server, input="events please", response_format="pcm",
-                                stream_format="sse", temperature=0.0)
+    status, ctype, body = speak(
+        server,
+        input="events please",
+        response_format="pcm",
+        stream_format="sse",
+        temperature=0.0,
+    )
     assert status == 200 and ctype.startswith("text/event-stream")
-    events = [json.loads(line[6:]) for line in body.decode().splitlines()
-              if line.startswith("data: ")]
+    events = [
+        json.loads(line[6:])
+        for line in body.decode().splitlines()
+        if line.startswith("data: ")
+    ]
     deltas = [e for e in events if e["type"] == "speech.audio.delta"]
     assert deltas and events[-1]["type"] == "speech.audio.done"
     pcm = b"".join(base64.b64decode(e["audio"]) for e in deltas)
@@ -126,8 +166,13 @@ def test_presets_modes_and_formats(server):
     s1, _, spk = speak(server, response_format="pcm", voice="spk_a", temperature=0.0)
     s2, _, sft = speak(server, response_format="pcm", voice="spk_sft", temperature=0.0)
     assert (s1, s2) == (200, 200) and spk != default and sft != default
-    s3, _, ins = speak(server, response_format="pcm", voice="spk_a", temperature=0.0,
-                       extra_args={"instruct_text": "speak slowly"})
+    s3, _, ins = speak(
+        server,
+        response_format="pcm",
+        voice="spk_a",
+        temperature=0.0,
+        extra_args={"instruct_text": "speak slowly"},
+    )
     assert s3 == 200 and ins != spk
     s4, _, flac = speak(server, response_format="flac")
     assert s4 == 200 and soundfile.info(io.BytesIO(flac)).format == "FLAC"
@@ -138,42 +183,68 @@ def test_presets_modes_and_formats(server):
 def test_zero_shot_and_named_voice(server, media_dir):
     raw = (media_dir / "ref.wav").read_bytes()
     _, _, plain = speak(server, response_format="pcm", temperature=0.0)
-    s1, _, a = speak(server, response_format="pcm", temperature=0.0,
-                     ref_text="a reference", ref_audio=base64.b64encode(raw).decode())
-    s2, _, b = speak(server, response_format="pcm", temperature=0.0,
-                     ref_text="a reference", ref_audio=f"file://{media_dir / 'ref.wav'}")
+    s1, _, a = speak(
+        server,
+        response_format="pcm",
+        temperature=0.0,
+        ref_text="a reference",
+        ref_audio=base64.b64encode(raw).decode(),
+    )
+    s2, _, b = speak(
+        server,
+        response_format="pcm",
+        temperature=0.0,
+        ref_text="a reference",
+        ref_audio=f"file://{media_dir / 'ref.wav'}",
+    )
     assert (s1, s2) == (200, 200) and a == b and a != plain
-    s3, _, c = speak(server, response_format="pcm", temperature=0.0,
-                     ref_text="a reference", ref_audio=f"file://{media_dir / 'ref.wav'}",
-                     extra_args={"mode": "cross_lingual"})
+    s3, _, c = speak(
+        server,
+        response_format="pcm",
+        temperature=0.0,
+        ref_text="a reference",
+        ref_audio=f"file://{media_dir / 'ref.wav'}",
+        extra_args={"mode": "cross_lingual"},
+    )
     assert s3 == 200 and c != a
 
     boundary = "cv2boundary"
     parts = []
     for name, value in (("name", "alice"), ("ref_text", "a reference")):
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; '
-                     f'name="{name}"\r\n\r\n{value}\r\n'.encode())
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="audio"; '
-                 f'filename="ref.wav"\r\nContent-Type: audio/wav\r\n\r\n'.encode()
-                 + raw + b"\r\n")
+        parts.append(
+            f"--{boundary}\r\nContent-Disposition: form-data; "
+            f'name="{name}"\r\n\r\n{value}\r\n'.encode()
+        )
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="audio"; '
+        f'filename="ref.wav"\r\nContent-Type: audio/wav\r\n\r\n'.encode()
+        + raw
+        + b"\r\n"
+    )
     parts.append(f"--{boundary}--\r\n".encode())
-    status, _, body = post(server, "/v1/audio/voices", data=b"".join(parts),
-                           headers={"Content-Type":
-                                    f"multipart/form-data; boundary={boundary}"})
+    status, _, body = post(
+        server,
+        "/v1/audio/voices",
+        data=b"".join(parts),
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     assert status == 200, body
     s4, _, d = speak(server, response_format="pcm", temperature=0.0, voice="alice")
     assert s4 == 200 and d == a
 
 
-@pytest.mark.parametrize("fields,code", [
-    ({"input": ""}, 400),
-    ({"voice": "nobody"}, 404),
-    ({"ref_audio": "AAAA"}, 400),  # no ref_text
-    ({"extra_args": {"mode": "sing"}}, 400),
-    ({"extra_args": {"mode": "instruct2"}}, 400),  # no instruct_text
-    ({"response_format": "aiff"}, 400),
-    ({"speed": 9.0}, 400),
-])
+@pytest.mark.parametrize(
+    "fields,code",
+    [
+        ({"input": ""}, 400),
+        ({"voice": "nobody"}, 404),
+        ({"ref_audio": "AAAA"}, 400),  # no ref_text
+        ({"extra_args": {"mode": "sing"}}, 400),
+        ({"extra_args": {"mode": "instruct2"}}, 400),  # no instruct_text
+        ({"response_format": "aiff"}, 400),
+        ({"speed": 9.0}, 400),
+    ],
+)
 def test_bad_requests(server, fields, code):
     status, _, body = speak(server, **fields)
     assert status == code, body

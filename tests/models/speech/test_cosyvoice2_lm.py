@@ -63,7 +63,10 @@ def ref(release_dir):
     conf = cosyvoice2_config_dict(release_dir)
     h, s = conf["hidden_size"], conf["cosyvoice_speech_token_size"]
     lm = Qwen2LM(
-        h, h, s, Qwen2Encoder(str(release_dir / "CosyVoice-BlankEN")),
+        h,
+        h,
+        s,
+        Qwen2Encoder(str(release_dir / "CosyVoice-BlankEN")),
         sampling=partial(ras_sampling, top_p=0.8, top_k=25, win_size=10, tau_r=0.1),
     )
     state = torch.load(release_dir / "llm.pt", map_location="cpu", weights_only=True)
@@ -110,8 +113,11 @@ def llm(release_dir):
 
 def _params(llm, text=TEXT, voice=None, speaker=None, **extra):
     return TextToSpeechParams(
-        text=text, model_config=llm.llm_engine.model_config, voice=voice,
-        speaker=speaker, extra=extra,
+        text=text,
+        model_config=llm.llm_engine.model_config,
+        voice=voice,
+        speaker=speaker,
+        extra=extra,
     )
 
 
@@ -131,15 +137,19 @@ def _ref_greedy(ref, text_ids, prompt_text_ids=(), prompt_speech=()):
 
     ref.sampling_ids = sampling_ids
     i32 = torch.int32
-    toks = list(ref.inference(
-        text=torch.tensor([text_ids], dtype=i32),
-        text_len=torch.tensor([len(text_ids)], dtype=i32),
-        prompt_text=torch.tensor([list(prompt_text_ids)], dtype=i32).reshape(1, -1),
-        prompt_text_len=torch.tensor([len(prompt_text_ids)], dtype=i32),
-        prompt_speech_token=torch.tensor([list(prompt_speech)], dtype=i32).reshape(1, -1),
-        prompt_speech_token_len=torch.tensor([len(prompt_speech)], dtype=i32),
-        embedding=torch.zeros(1, 192),
-    ))
+    toks = list(
+        ref.inference(
+            text=torch.tensor([text_ids], dtype=i32),
+            text_len=torch.tensor([len(text_ids)], dtype=i32),
+            prompt_text=torch.tensor([list(prompt_text_ids)], dtype=i32).reshape(1, -1),
+            prompt_text_len=torch.tensor([len(prompt_text_ids)], dtype=i32),
+            prompt_speech_token=torch.tensor([list(prompt_speech)], dtype=i32).reshape(
+                1, -1
+            ),
+            prompt_speech_token_len=torch.tensor([len(prompt_speech)], dtype=i32),
+            embedding=torch.zeros(1, 192),
+        )
+    )
     del ref.sampling_ids
     return [int(t) for t in toks], steps
 
@@ -155,7 +165,11 @@ def test_config_from_release_dir(release_dir):
     assert cfg.vocab_size == 640 + 2 + 103
     assert cfg.tie_word_embeddings is False
     assert cfg.cosyvoice_sampling == {
-        "top_p": 0.8, "top_k": 25, "win_size": 10, "tau_r": 0.1}
+        "top_p": 0.8,
+        "top_k": 25,
+        "win_size": 10,
+        "tau_r": 0.1,
+    }
     v = CosyVoice2Vocab(cfg)
     assert (v.sos, v.task_id, v.speech_offset) == (640, 641, 642)
     assert v.stop_token_ids == [742, 743, 744]
@@ -185,24 +199,33 @@ def test_prompt_layouts(llm):
     tid = partial(CosyVoice2ForCausalLM._text_ids, mc)
     text = tid(TEXT)
     ids = lambda p: CosyVoice2ForCausalLM.get_speech_generation_prompt(p)[  # noqa: E731
-        "prompt_token_ids"]
+        "prompt_token_ids"
+    ]
 
     assert ids(_params(llm)) == [v.sos] + text + [v.task_id]
     voice = VoicePrompt(ref_text="hello world", codes=np.array([3, 1, 4, 1, 5]))
     zs = ids(_params(llm, voice=voice))
-    assert zs == ([v.sos] + tid("hello world") + text + [v.task_id]
-                  + [v.speech_offset + t for t in (3, 1, 4, 1, 5)])
-    assert ids(_params(llm, voice=voice, mode="cross_lingual")) == \
-        [v.sos] + text + [v.task_id]
-    assert ids(_params(llm, voice=voice, instruct_text="speak slowly")) == \
-        [v.sos] + tid("speak slowly<|endofprompt|>") + text + [v.task_id]
+    assert zs == (
+        [v.sos]
+        + tid("hello world")
+        + text
+        + [v.task_id]
+        + [v.speech_offset + t for t in (3, 1, 4, 1, 5)]
+    )
+    assert ids(_params(llm, voice=voice, mode="cross_lingual")) == [v.sos] + text + [
+        v.task_id
+    ]
+    assert ids(_params(llm, voice=voice, instruct_text="speak slowly")) == [
+        v.sos
+    ] + tid("speak slowly<|endofprompt|>") + text + [v.task_id]
     # spk2info.pt speakers: zero-shot entry and SFT entry
     assert CosyVoice2ForCausalLM.get_speech_presets(mc) == ["spk_a", "spk_sft"]
     p = _params(llm, speaker="spk_a")
     spk = torch.load(Path(mc.model) / "spk2info.pt", weights_only=True)["spk_a"]
     sp = spk["llm_prompt_speech_token"][0].tolist()
-    assert ids(p) == ([v.sos] + [5, 6, 7, 8] + text + [v.task_id]
-                      + [v.speech_offset + t for t in sp])
+    assert ids(p) == (
+        [v.sos] + [5, 6, 7, 8] + text + [v.task_id] + [v.speech_offset + t for t in sp]
+    )
     assert p.voice is not None and p.voice.extra["prompt_feat"].shape == (24, 80)
     p = _params(llm, speaker="spk_sft")
     assert ids(p) == [v.sos] + text + [v.task_id]
@@ -214,11 +237,13 @@ def test_prompt_layouts(llm):
         ids(_params(llm, mode="sing"))
 
     sp = CosyVoice2ForCausalLM.get_speech_sampling_params(
-        _params(llm), {"temperature": 1.0, "max_tokens": 10_000})
+        _params(llm), {"temperature": 1.0, "max_tokens": 10_000}
+    )
     assert sp.min_tokens == 2 * len(text) and sp.max_tokens == 20 * len(text)
     assert sp.stop_token_ids == v.stop_token_ids
     sp = CosyVoice2ForCausalLM.get_speech_sampling_params(
-        _params(llm), {"max_tokens": 5})
+        _params(llm), {"max_tokens": 5}
+    )
     assert (sp.min_tokens, sp.max_tokens) == (5, 5)
 
 
@@ -233,14 +258,16 @@ def test_greedy_tokens_and_logits_match_original(llm, ref, mode):
     voice = None
     prompt_text, prompt_speech = [], []
     if mode == "zero_shot":
-        voice = VoicePrompt(ref_text="hello world",
-                            codes=np.array([7, 70, 17, 99, 0, 42]))
+        voice = VoicePrompt(
+            ref_text="hello world", codes=np.array([7, 70, 17, 99, 0, 42])
+        )
         prompt_text = CosyVoice2ForCausalLM._text_ids(mc, "hello world")
         prompt_speech = voice.codes.tolist()
     params = _params(llm, text=text, voice=voice)
     prompt = CosyVoice2ForCausalLM.get_speech_generation_prompt(params)
     sp = CosyVoice2ForCausalLM.get_speech_sampling_params(
-        params, {"temperature": 0.0, "max_tokens": 4096})
+        params, {"temperature": 0.0, "max_tokens": 4096}
+    )
     sp.logprobs = v.num_speech_rows
     text_ids = CosyVoice2ForCausalLM._text_ids(mc, text)
     assert sp.min_tokens >= 32
@@ -254,8 +281,9 @@ def test_greedy_tokens_and_logits_match_original(llm, ref, mode):
         assert out.token_ids[-1] == v.eos and out.finish_reason == "stop"
     # per-step log-probs over the whole speech vocabulary
     for i, lp in enumerate(out.logprobs[: len(steps)]):
-        ours = torch.tensor([lp[v.speech_offset + j].logprob
-                             for j in range(v.num_speech_rows)])
+        ours = torch.tensor(
+            [lp[v.speech_offset + j].logprob for j in range(v.num_speech_rows)]
+        )
         assert rel_err(ours, steps[i]) < 1e-3, i
 
 
@@ -266,14 +294,21 @@ def test_batch_equals_single(llm):
     prompts, params = [], []
     for t in texts:
         p = _params(llm, text=t)
-        prompts.append(TokensPrompt(
-            **CosyVoice2ForCausalLM.get_speech_generation_prompt(p)))
-        params.append(CosyVoice2ForCausalLM.get_speech_sampling_params(
-            p, {"temperature": 0.0, "max_tokens": 4096}))
-    batch = [o.outputs[0].token_ids for o in
-             llm.generate(prompts, params, use_tqdm=False)]
-    single = [llm.generate(p, s, use_tqdm=False)[0].outputs[0].token_ids
-              for p, s in zip(prompts, params)]
+        prompts.append(
+            TokensPrompt(**CosyVoice2ForCausalLM.get_speech_generation_prompt(p))
+        )
+        params.append(
+            CosyVoice2ForCausalLM.get_speech_sampling_params(
+                p, {"temperature": 0.0, "max_tokens": 4096}
+            )
+        )
+    batch = [
+        o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)
+    ]
+    single = [
+        llm.generate(p, s, use_tqdm=False)[0].outputs[0].token_ids
+        for p, s in zip(prompts, params)
+    ]
     assert batch == single
 
 
@@ -309,12 +344,18 @@ def test_ras_distribution_matches_original(ref, case):
         banned[0, s:] = True
     hist = torch.tensor([decoded[-10:] + [-1] * (10 - len(decoded[-10:]))])
     law = ras_distribution(
-        scores[None].float(), hist, torch.tensor([0.8]), torch.tensor([25]),
-        10, 0.1, banned,
+        scores[None].float(),
+        hist,
+        torch.tensor([0.8]),
+        torch.tensor([25]),
+        10,
+        0.1,
+        banned,
     )[0]
     law = law / law.sum()
-    emp = _orig_law(ref, scores, decoded, True if case == "min_len" else None,
-                    n=6000, seed=0)
+    emp = _orig_law(
+        ref, scores, decoded, True if case == "min_len" else None, n=6000, seed=0
+    )
     assert (law - emp).abs().max() < 0.025
     # support: outside the nucleus only through the repetition fallback
     if case == "no_repeat":
@@ -335,8 +376,15 @@ def test_seeded_ras_sampling_in_engine(llm):
 
     def run(seed):
         sp = CosyVoice2ForCausalLM.get_speech_sampling_params(
-            p, {"temperature": 1.0, "top_p": 0.8, "top_k": 25, "seed": seed,
-                "max_tokens": 4096})
+            p,
+            {
+                "temperature": 1.0,
+                "top_p": 0.8,
+                "top_k": 25,
+                "seed": seed,
+                "max_tokens": 4096,
+            },
+        )
         return sp, llm.generate([prompt, prompt], sp, use_tqdm=False)
 
     sp, outs = run(1)
@@ -363,10 +411,16 @@ def test_bad_llm_pt(release_dir, tmp_path):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
         with pytest.raises(Exception) as e:
-            LLM(model=str(bad), dtype="float32", enforce_eager=True,
-                max_model_len=128, kv_cache_memory_bytes=16 << 20)
+            LLM(
+                model=str(bad),
+                dtype="float32",
+                enforce_eager=True,
+                max_model_len=128,
+                kv_cache_memory_bytes=16 << 20,
+            )
         assert "llm_embedding" in str(e.value) or "llm_embedding" in repr(
-            e.value.__cause__)
+            e.value.__cause__
+        )
     finally:
         if old is None:
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)

@@ -75,13 +75,25 @@ COSYVOICE2_SPECIAL_TOKENS = {
     "eos_token": "<|endoftext|>",
     "pad_token": "<|endoftext|>",
     "additional_special_tokens": [
-        "<|im_start|>", "<|im_end|>", "<|endofprompt|>",
-        "[breath]", "<strong>", "</strong>", "[noise]",
-        "[laughter]", "[cough]", "[clucking]", "[accent]",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endofprompt|>",
+        "[breath]",
+        "<strong>",
+        "</strong>",
+        "[noise]",
+        "[laughter]",
+        "[cough]",
+        "[clucking]",
+        "[accent]",
         "[quick_breath]",
-        "<laughter>", "</laughter>",
-        "[hissing]", "[sigh]", "[vocalized-noise]",
-        "[lipsmack]", "[mn]",
+        "<laughter>",
+        "</laughter>",
+        "[hissing]",
+        "[sigh]",
+        "[vocalized-noise]",
+        "[lipsmack]",
+        "[mn]",
     ],
 }
 
@@ -170,9 +182,7 @@ def sample_from(
 
 
 # --------------------------------------------------------------- model ----
-class CosyVoice2ForCausalLM(
-    nn.Module, SupportsSpeechGeneration, SupportsMultiCodebook
-):
+class CosyVoice2ForCausalLM(nn.Module, SupportsSpeechGeneration, SupportsMultiCodebook):
     """CosyVoice2's ``Qwen2LM`` on a unified text + speech vocabulary."""
 
     supports_speech_generation_only = True
@@ -218,7 +228,9 @@ class CosyVoice2ForCausalLM(
         return []
 
     def embed_input_ids(
-        self, input_ids: torch.Tensor, aux_codes: torch.Tensor | None = None,
+        self,
+        input_ids: torch.Tensor,
+        aux_codes: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
@@ -271,7 +283,8 @@ class CosyVoice2ForCausalLM(
         for proc in md.logitsprocs.non_argmax_invariant:
             if isinstance(proc, MinTokensLogitsProcessor):
                 below_min = [
-                    i for i, (n, out, _) in proc.min_toks.items()
+                    i
+                    for i, (n, out, _) in proc.min_toks.items()
                     if i < rows and len(out) < n
                 ]
                 continue
@@ -297,11 +310,13 @@ class CosyVoice2ForCausalLM(
             ids = greedy_ids
         else:
             top_p = (
-                md.top_p[:rows].float() if md.top_p is not None
+                md.top_p[:rows].float()
+                if md.top_p is not None
                 else torch.ones(rows, device=dev)
             )
             top_k = (
-                md.top_k[:rows].long() if md.top_k is not None
+                md.top_k[:rows].long()
+                if md.top_k is not None
                 else torch.zeros(rows, device=dev, dtype=torch.long)
             )
             hist = history[..., 0].to(dev).long()
@@ -433,7 +448,9 @@ class CosyVoice2ForCausalLM(
         min_len = int(n_text * float(getattr(hf, "cosyvoice_min_token_text_ratio", 2)))
         max_len = int(n_text * float(getattr(hf, "cosyvoice_max_token_text_ratio", 20)))
         kwargs = dict(sampling_kwargs)
-        max_tokens = max(1, min(int(kwargs.pop("max_tokens", max_len) or max_len), max_len))
+        max_tokens = max(
+            1, min(int(kwargs.pop("max_tokens", max_len) or max_len), max_len)
+        )
         # The request's EOS (the tokenizer's) is a text id: never sampled.
         return SamplingParams(
             **kwargs,
@@ -524,8 +541,10 @@ def _spk_voice(model_dir: str, name: str) -> tuple[VoicePrompt, list[int], list[
         extra=extra,
         name=name,
     )
-    return voice, _flat_ints(info.get("prompt_text")), _flat_ints(
-        info.get("llm_prompt_speech_token")
+    return (
+        voice,
+        _flat_ints(info.get("prompt_text")),
+        _flat_ints(info.get("llm_prompt_speech_token")),
     )
 
 
@@ -609,7 +628,9 @@ class CosyVoice2SpeechDecoder:
         if voice.codes is not None and extra.get("prompt_feat") is not None:
             tokens = torch.as_tensor(np.asarray(voice.codes).reshape(1, -1))
             tokens = tokens.to(dev, torch.int32)
-            feat = torch.as_tensor(np.asarray(extra["prompt_feat"]), dtype=torch.float32)
+            feat = torch.as_tensor(
+                np.asarray(extra["prompt_feat"]), dtype=torch.float32
+            )
             feat = feat.reshape(1, -1, 80).to(dev)
         return tokens, feat, emb
 
@@ -707,11 +728,13 @@ class CosyVoice2Frontend:
         opts = onnxruntime.SessionOptions()
         opts.intra_op_num_threads = 1
         self.campplus = onnxruntime.InferenceSession(
-            os.path.join(model_dir, CAMPPLUS_NAME), sess_options=opts,
+            os.path.join(model_dir, CAMPPLUS_NAME),
+            sess_options=opts,
             providers=["CPUExecutionProvider"],
         )
         self.tokenizer = onnxruntime.InferenceSession(
-            os.path.join(model_dir, SPEECH_TOKENIZER_NAME), sess_options=opts,
+            os.path.join(model_dir, SPEECH_TOKENIZER_NAME),
+            sess_options=opts,
             providers=["CPUExecutionProvider"],
         )
 
@@ -728,18 +751,29 @@ class CosyVoice2Frontend:
         # speech tokens (25 Hz)
         feat = whisper_log_mel(speech[0], n_mels=128)[None]
         inputs = self.tokenizer.get_inputs()
-        tokens = self.tokenizer.run(None, {
-            inputs[0].name: feat.numpy(),
-            inputs[1].name: np.array([feat.shape[2]], dtype=np.int32),
-        })[0].reshape(-1).astype(np.int64)
+        tokens = (
+            self.tokenizer.run(
+                None,
+                {
+                    inputs[0].name: feat.numpy(),
+                    inputs[1].name: np.array([feat.shape[2]], dtype=np.int32),
+                },
+            )[0]
+            .reshape(-1)
+            .astype(np.int64)
+        )
         # x-vector
         fb = torchaudio.compliance.kaldi.fbank(
             speech, num_mel_bins=80, dither=0, sample_frequency=16000
         )
         fb = fb - fb.mean(dim=0, keepdim=True)
-        emb = self.campplus.run(
-            None, {self.campplus.get_inputs()[0].name: fb[None].numpy()}
-        )[0].reshape(-1).astype(np.float32)
+        emb = (
+            self.campplus.run(
+                None, {self.campplus.get_inputs()[0].name: fb[None].numpy()}
+            )[0]
+            .reshape(-1)
+            .astype(np.float32)
+        )
         # prompt mel at 24 kHz, 2 frames per token
         speech24 = torchaudio.functional.resample(speech, 16000, 24000)
         mel = matcha_mel(speech24)[0].transpose(0, 1)  # [T, 80]
@@ -758,8 +792,13 @@ def slaney_mel_filters(
     import torchaudio
 
     return torchaudio.functional.melscale_fbanks(
-        n_fft // 2 + 1, fmin, fmax if fmax is not None else sr / 2, n_mels, sr,
-        norm="slaney", mel_scale="slaney",
+        n_fft // 2 + 1,
+        fmin,
+        fmax if fmax is not None else sr / 2,
+        n_mels,
+        sr,
+        norm="slaney",
+        mel_scale="slaney",
     ).T.contiguous()
 
 
@@ -775,16 +814,29 @@ def whisper_log_mel(audio: torch.Tensor, n_mels: int = 128) -> torch.Tensor:
 
 
 def matcha_mel(
-    y: torch.Tensor, n_fft: int = 1920, hop: int = 480, win: int = 1920,
-    n_mels: int = 80, sr: int = 24000, fmin: float = 0.0, fmax: float = 8000.0,
+    y: torch.Tensor,
+    n_fft: int = 1920,
+    hop: int = 480,
+    win: int = 1920,
+    n_mels: int = 80,
+    sr: int = 24000,
+    fmin: float = 0.0,
+    fmax: float = 8000.0,
 ) -> torch.Tensor:
     """``matcha.utils.audio.mel_spectrogram`` with CosyVoice2's parameters."""
     mel_basis = slaney_mel_filters(sr, n_fft, n_mels, fmin, fmax)
     pad = (n_fft - hop) // 2
     y = torch.nn.functional.pad(y[:, None], (pad, pad), mode="reflect")[:, 0]
     spec = torch.stft(
-        y, n_fft, hop_length=hop, win_length=win, window=torch.hann_window(win),
-        center=False, pad_mode="reflect", normalized=False, onesided=True,
+        y,
+        n_fft,
+        hop_length=hop,
+        win_length=win,
+        window=torch.hann_window(win),
+        center=False,
+        pad_mode="reflect",
+        normalized=False,
+        onesided=True,
         return_complex=True,
     )
     spec = torch.sqrt(spec.real.pow(2) + spec.imag.pow(2) + 1e-9)
