@@ -426,3 +426,24 @@ def test_bad_llm_pt(release_dir, tmp_path):
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
         else:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
+
+
+def test_reference_encoding(release_dir):
+    """Zero-shot frontend (onnxruntime on the directory's speech tokenizer and
+    CAM++ graphs): 25 Hz tokens, 2 prompt-mel frames (50 Hz, 80 bins) per
+    token after the original's trimming, a 192-d x-vector."""
+    pytest.importorskip("onnxruntime")
+    from vllm.model_executor.models.cosyvoice2 import CosyVoice2Frontend
+
+    fe = CosyVoice2Frontend(str(release_dir))
+    t = np.arange(int(1.5 * 16000)) / 16000
+    audio = (0.4 * np.sin(2 * np.pi * (200 + 300 * t) * t)).astype(np.float32)
+    v = fe.encode(audio, 16000, "a reference")
+    n = len(v.codes)
+    assert n == 37  # min(75 mel frames // 2, ceil(150 whisper frames / 4))
+    assert v.codes.min() >= 0 and v.codes.max() < 100
+    assert v.extra["prompt_feat"].shape == (2 * n, 80)
+    assert v.extra["embedding"].shape == (192,)
+    assert np.isfinite(v.extra["prompt_feat"]).all()
+    with pytest.raises(ValueError, match="16 kHz"):
+        fe.encode(audio, 24000, "x")

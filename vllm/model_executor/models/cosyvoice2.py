@@ -299,16 +299,13 @@ class CosyVoice2ForCausalLM(nn.Module, SupportsSpeechGeneration, SupportsMultiCo
             for sid in v.stop_token_ids:
                 banned[rows_t, sid - v.speech_offset] = True
 
-        if md.temperature is None or md.all_greedy:
-            temperature = torch.zeros(rows, device=dev)
-        else:
-            temperature = md.temperature[:rows].float()
-        greedy = temperature < _SAMPLING_EPS
         masked = speech if banned is None else speech.masked_fill(banned, float("-inf"))
-        greedy_ids = masked.argmax(dim=-1)
-        if bool(greedy.all()):
-            ids = greedy_ids
+        if md.temperature is None or md.all_greedy:
+            ids = masked.argmax(dim=-1)
         else:
+            # No host sync: the greedy/random split comes from the metadata.
+            temperature = md.temperature[:rows].float()
+            greedy = temperature < _SAMPLING_EPS
             top_p = (
                 md.top_p[:rows].float()
                 if md.top_p is not None
@@ -325,7 +322,9 @@ class CosyVoice2ForCausalLM(nn.Module, SupportsSpeechGeneration, SupportsMultiCo
             law = ras_distribution(
                 scaled, hist, top_p, top_k, self.win_size, self.tau_r, banned
             )
-            ids = torch.where(greedy, greedy_ids, sample_from(law, md.generators))
+            ids = sample_from(law, md.generators)
+            if not md.all_random:
+                ids = torch.where(greedy, masked.argmax(dim=-1), ids)
         ids = ids.long() + v.speech_offset
         return ids, ids.new_zeros(rows, 0)
 
