@@ -15,10 +15,10 @@ Every request generates exactly ``--tokens`` speech tokens in both systems
 (min = max length), with the zero-shot speaker ``spk_a`` of the
 directory's ``spk2info.pt``, so the work is identical. vLLM side: an
 in-process ``AsyncLLM`` and the API server's own decode worker
-(``DecodeWorker``, one thread, batching) and streaming sessions (the same
-chunking as ``/v1/audio/speech``: 8 frames, then 32). Original side: one
-shared ``CosyVoice2Model`` called from ``c`` threads (``tts(stream=True)``,
-its LLM in a thread per request), as its servers do.
+(``DecodeWorker``, one thread, batching) and streaming sessions, fed as
+``/v1/audio/speech`` feeds them (the decoder's ``stream_chunk_frames``).
+Original side: one shared ``CosyVoice2Model`` called from ``c`` threads
+(``tts(stream=True)``, its LLM in a thread per request), as its servers do.
 
     python benchmarks/bench_cosyvoice2.py --out results/cosyvoice2-h100.json
     python benchmarks/bench_cosyvoice2.py --tiny          # CPU smoke run
@@ -42,7 +42,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,9 +52,10 @@ from make_cosyvoice2_checkpoint import (  # noqa: E402
     make_release_dir,
 )
 
-TEXT = ("Hello, this is a benchmark of CosyVoice two running inside vLLM, "
-        "compared with the original implementation.")
-STREAM_FIRST, STREAM_NEXT = 8, 32  # serving.py's chunking
+TEXT = (
+    "Hello, this is a benchmark of CosyVoice two running inside vLLM, "
+    "compared with the original implementation."
+)
 
 
 def _sync() -> None:
@@ -97,12 +97,20 @@ async def _vllm_run(args, model_dir: Path) -> dict:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     levels = [int(c) for c in args.concurrency.split(",")]
-    kw: dict = dict(model=str(model_dir), dtype=args.dtype, max_model_len=args.max_model_len,
-                    max_num_seqs=max(levels), enable_log_requests=False)
+    kw: dict = dict(
+        model=str(model_dir),
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=max(levels),
+        enable_log_requests=False,
+    )
     if torch.cuda.is_available():
-        kw.update(gpu_memory_utilization=args.gpu_memory_utilization,
-                  compilation_config={"cudagraph_capture_sizes":
-                                      sorted({1, 2, 4, 8, 16, *levels})})
+        kw.update(
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            compilation_config={
+                "cudagraph_capture_sizes": sorted({1, 2, 4, 8, 16, *levels})
+            },
+        )
     else:
         kw.update(enforce_eager=True, kv_cache_memory_bytes=256 << 20)
     t0 = time.monotonic()
@@ -112,13 +120,16 @@ async def _vllm_run(args, model_dir: Path) -> dict:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     decoder = M.get_speech_decoder(mc, dev)
     worker = DecodeWorker(decoder)
+    first_chunk, next_chunk = getattr(decoder, "stream_chunk_frames", (8, 32))
     sr = decoder.sample_rate
 
     params = TextToSpeechParams(text=args.text, model_config=mc, speaker="spk_a")
     prompt = TokensPrompt(**M.get_speech_generation_prompt(params))
     voice = params.voice
-    sp = M.get_speech_sampling_params(params, {
-        "temperature": 1.0, "top_p": 0.8, "top_k": 25, "max_tokens": args.tokens})
+    sp = M.get_speech_sampling_params(
+        params,
+        {"temperature": 1.0, "top_p": 0.8, "top_k": 25, "max_tokens": args.tokens},
+    )
     sp.min_tokens = sp.max_tokens = args.tokens
     counter = [0]
 
@@ -137,7 +148,7 @@ async def _vllm_run(args, model_dir: Path) -> dict:
         async for out in engine.generate(prompt, sp, f"tts-{counter[0]}"):
             frames = M.get_speech_frames(out.outputs[0], mc)
             n = len(frames)
-            need = STREAM_FIRST if sent == 0 else STREAM_NEXT
+            need = first_chunk if sent == 0 else next_chunk
             if n - sent >= need or (out.finished and n > sent):
                 new = frames[sent:]
                 audio = await worker.call(lambda new=new: session.decode(new))
@@ -149,8 +160,12 @@ async def _vllm_run(args, model_dir: Path) -> dict:
         samples += audio.size
         if ttfa is None:
             ttfa = time.monotonic() - t
-        return {"tokens": n, "samples": samples, "ttfa": ttfa,
-                "latency": time.monotonic() - t}
+        return {
+            "tokens": n,
+            "samples": samples,
+            "ttfa": ttfa,
+            "latency": time.monotonic() - t,
+        }
 
     async def level(fn, c: int) -> dict:
         n = max(c, args.requests if c == 1 else c * args.rounds)
@@ -186,14 +201,18 @@ def _original_run(args, model_dir: Path) -> dict:
     from vllm.transformers_utils.cosyvoice2 import cosyvoice2_config_dict
 
     sys.path.insert(0, str(REPO / "tools"))
-    from make_cosyvoice2_checkpoint import _flow_hift, REAL, TINY  # noqa: PLC0415
+    from make_cosyvoice2_checkpoint import REAL, TINY, _flow_hift  # noqa: PLC0415
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     conf = cosyvoice2_config_dict(model_dir)
     h, s = conf["hidden_size"], conf["cosyvoice_speech_token_size"]
-    lm = Qwen2LM(h, h, s, Qwen2Encoder(str(model_dir / "CosyVoice-BlankEN")),
-                 sampling=partial(ras_sampling, top_p=0.8, top_k=25, win_size=10,
-                                  tau_r=0.1))
+    lm = Qwen2LM(
+        h,
+        h,
+        s,
+        Qwen2Encoder(str(model_dir / "CosyVoice-BlankEN")),
+        sampling=partial(ras_sampling, top_p=0.8, top_k=25, win_size=10, tau_r=0.1),
+    )
     lm.load_state_dict(torch.load(model_dir / "llm.pt", weights_only=True), strict=True)
     # transformers >= 5 reads the [1, 1] all-ones decode mask of
     # Qwen2Encoder.forward_one_step as "last key only"; drop it as the
@@ -212,15 +231,18 @@ def _original_run(args, model_dir: Path) -> dict:
     flow, hift = _flow_hift(TINY if args.tiny else REAL, args.seed)
     flow.load_state_dict(torch.load(model_dir / "flow.pt", weights_only=True))
     hift.load_state_dict(torch.load(model_dir / "hift.pt", weights_only=True))
-    model = CosyVoice2Model(lm, flow.to(dev).eval(), hift.to(dev).eval(),
-                            fp16=args.ref_fp16)
+    model = CosyVoice2Model(
+        lm, flow.to(dev).eval(), hift.to(dev).eval(), fp16=args.ref_fp16
+    )
     model.llm = lm
 
     text_ids = get_cosyvoice2_tokenizer(str(model_dir / "CosyVoice-BlankEN")).encode(
-        args.text)
+        args.text
+    )
     ratio = (args.tokens + 0.5) / len(text_ids)
-    lm.inference = partial(lm.inference, min_token_text_ratio=ratio,
-                           max_token_text_ratio=ratio)
+    lm.inference = partial(
+        lm.inference, min_token_text_ratio=ratio, max_token_text_ratio=ratio
+    )
     spk = torch.load(model_dir / "spk2info.pt", weights_only=True)["spk_a"]
     text = torch.tensor([text_ids], dtype=torch.int32)
     sr = 24000
@@ -229,13 +251,18 @@ def _original_run(args, model_dir: Path) -> dict:
         n = 0
         with torch.inference_mode():
             for _ in lm.inference(
-                    text=text.to(dev), text_len=torch.tensor([text.shape[1]], dtype=torch.int32).to(dev),
-                    prompt_text=spk["prompt_text"].to(dev),
-                    prompt_text_len=torch.tensor([spk["prompt_text"].shape[1]], dtype=torch.int32).to(dev),
-                    prompt_speech_token=spk["llm_prompt_speech_token"].to(dev),
-                    prompt_speech_token_len=torch.tensor(
-                        [spk["llm_prompt_speech_token"].shape[1]], dtype=torch.int32).to(dev),
-                    embedding=spk["llm_embedding"].to(dev)):
+                text=text.to(dev),
+                text_len=torch.tensor([text.shape[1]], dtype=torch.int32).to(dev),
+                prompt_text=spk["prompt_text"].to(dev),
+                prompt_text_len=torch.tensor(
+                    [spk["prompt_text"].shape[1]], dtype=torch.int32
+                ).to(dev),
+                prompt_speech_token=spk["llm_prompt_speech_token"].to(dev),
+                prompt_speech_token_len=torch.tensor(
+                    [spk["llm_prompt_speech_token"].shape[1]], dtype=torch.int32
+                ).to(dev),
+                embedding=spk["llm_embedding"].to(dev),
+            ):
                 n += 1
         _sync()
         return {"tokens": n, "samples": 0}
@@ -245,17 +272,25 @@ def _original_run(args, model_dir: Path) -> dict:
         ttfa, samples = None, 0
         with torch.inference_mode():
             for out in model.tts(
-                    text=text, flow_embedding=spk["flow_embedding"],
-                    llm_embedding=spk["llm_embedding"], prompt_text=spk["prompt_text"],
-                    llm_prompt_speech_token=spk["llm_prompt_speech_token"],
-                    flow_prompt_speech_token=spk["flow_prompt_speech_token"],
-                    prompt_speech_feat=spk["prompt_speech_feat"], stream=True):
+                text=text,
+                flow_embedding=spk["flow_embedding"],
+                llm_embedding=spk["llm_embedding"],
+                prompt_text=spk["prompt_text"],
+                llm_prompt_speech_token=spk["llm_prompt_speech_token"],
+                flow_prompt_speech_token=spk["flow_prompt_speech_token"],
+                prompt_speech_feat=spk["prompt_speech_feat"],
+                stream=True,
+            ):
                 _sync()
                 if ttfa is None:
                     ttfa = time.monotonic() - t
                 samples += out["tts_speech"].numel()
-        return {"tokens": args.tokens, "samples": samples, "ttfa": ttfa,
-                "latency": time.monotonic() - t}
+        return {
+            "tokens": args.tokens,
+            "samples": samples,
+            "ttfa": ttfa,
+            "latency": time.monotonic() - t,
+        }
 
     def level(fn, c: int) -> dict:
         n = max(c, args.requests if c == 1 else c * args.rounds)
@@ -295,19 +330,36 @@ def _original_run(args, model_dir: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tiny", action="store_true",
-                    help="tiny random dims (CPU smoke run) instead of CosyVoice2-0.5B's")
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny random dims (CPU smoke run) instead of CosyVoice2-0.5B's",
+    )
     ap.add_argument("--model-dir", help="existing release dir (default: make one)")
     ap.add_argument("--concurrency", default=None, help="default 1,4,16 (tiny: 1,4)")
-    ap.add_argument("--tokens", type=int, default=None,
-                    help="speech tokens per request (default 250 = 10 s; tiny 30)")
-    ap.add_argument("--requests", type=int, default=None,
-                    help="requests at concurrency 1 (default 5; tiny 2)")
-    ap.add_argument("--rounds", type=int, default=2,
-                    help="requests per slot at concurrency > 1")
-    ap.add_argument("--dtype", default=None, help="vLLM dtype (default bfloat16 on GPU)")
-    ap.add_argument("--ref-fp16", action="store_true",
-                    help="original flow in fp16 (its fp16=True mode)")
+    ap.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="speech tokens per request (default 250 = 10 s; tiny 30)",
+    )
+    ap.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="requests at concurrency 1 (default 5; tiny 2)",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="requests per slot at concurrency > 1"
+    )
+    ap.add_argument(
+        "--dtype", default=None, help="vLLM dtype (default bfloat16 on GPU)"
+    )
+    ap.add_argument(
+        "--ref-fp16",
+        action="store_true",
+        help="original flow in fp16 (its fp16=True mode)",
+    )
     ap.add_argument("--ref-max-concurrency", type=int, default=16)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
@@ -324,8 +376,13 @@ def main() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(args.model_dir) if args.model_dir else make_release_dir(
-            Path(tmp) / "CosyVoice2", "tiny" if args.tiny else "real", args.seed)
+        model_dir = (
+            Path(args.model_dir)
+            if args.model_dir
+            else make_release_dir(
+                Path(tmp) / "CosyVoice2", "tiny" if args.tiny else "real", args.seed
+            )
+        )
         results = {
             "device": torch.cuda.get_device_name() if cuda else "cpu",
             "size": "tiny" if args.tiny else "CosyVoice2-0.5B dims (random)",
@@ -343,8 +400,11 @@ def main() -> None:
                     if ref:
                         key = "tokens_per_s" if part == "lm" else "rtf_aggregate"
                         results.setdefault("ratios", {})[f"{part}_c{c}_{key}"] = round(
-                            (ours[key] / ref[key]) if part == "lm"
-                            else (ref[key] / ours[key]), 2)
+                            (ours[key] / ref[key])
+                            if part == "lm"
+                            else (ref[key] / ours[key]),
+                            2,
+                        )
     print(json.dumps(results, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -27,22 +27,47 @@ benchmarks). The flow/HiFT need the oracle package ``cosyvoice`` (plus its
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import types
 from pathlib import Path
 
 TINY = dict(
-    hidden=128, intermediate=256, layers=2, heads=2, kv_heads=1, text_vocab=640,
-    speech_token_size=100, flow_linear_units=64, flow_blocks=2,
-    est_channels=32, est_head_dim=8, est_blocks=1, est_mid=2, est_heads=2,
-    hift_base=32, f0_cond=16,
+    hidden=128,
+    intermediate=256,
+    layers=2,
+    heads=2,
+    kv_heads=1,
+    text_vocab=640,
+    speech_token_size=100,
+    flow_linear_units=64,
+    flow_blocks=2,
+    est_channels=32,
+    est_head_dim=8,
+    est_blocks=1,
+    est_mid=2,
+    est_heads=2,
+    hift_base=32,
+    f0_cond=16,
 )
 REAL = dict(
-    hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2,
-    text_vocab=151936, speech_token_size=6561, flow_linear_units=2048,
-    flow_blocks=6, est_channels=256, est_head_dim=64, est_blocks=4, est_mid=12,
-    est_heads=8, hift_base=512, f0_cond=512,
+    hidden=896,
+    intermediate=4864,
+    layers=24,
+    heads=14,
+    kv_heads=2,
+    text_vocab=151936,
+    speech_token_size=6561,
+    flow_linear_units=2048,
+    flow_blocks=6,
+    est_channels=256,
+    est_head_dim=64,
+    est_blocks=4,
+    est_mid=12,
+    est_heads=8,
+    hift_base=512,
+    f0_cond=512,
 )
 
 YAML = """\
@@ -168,27 +193,37 @@ def install_matcha_logger_shim() -> None:
 
 def _make_blank_en(out: Path, d: dict, seed: int) -> None:
     import torch
+    from make_demo_checkpoint import make_tokenizer
     from safetensors.torch import save_file
     from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from make_demo_checkpoint import make_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     n_tokens = make_tokenizer(out, vocab_size=512)
     assert n_tokens + 32 <= d["text_vocab"]  # + the 17 CosyVoice specials
     cfg = Qwen2Config(
-        vocab_size=d["text_vocab"], hidden_size=d["hidden"],
-        intermediate_size=d["intermediate"], num_hidden_layers=d["layers"],
-        num_attention_heads=d["heads"], num_key_value_heads=d["kv_heads"],
-        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
-        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
-        torch_dtype="float32", use_sliding_window=False,
+        vocab_size=d["text_vocab"],
+        hidden_size=d["hidden"],
+        intermediate_size=d["intermediate"],
+        num_hidden_layers=d["layers"],
+        num_attention_heads=d["heads"],
+        num_key_value_heads=d["kv_heads"],
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        torch_dtype="float32",
+        use_sliding_window=False,
     )
     cfg.architectures = ["Qwen2ForCausalLM"]
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(cfg)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()
-             if k != "lm_head.weight"}
+    state = {
+        k: v.contiguous()
+        for k, v in model.state_dict().items()
+        if k != "lm_head.weight"
+    }
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg.save_pretrained(out)
 
@@ -213,11 +248,11 @@ def _llm_state(model_dir: Path, d: dict, seed: int) -> dict:
     dec_b = 0.5 * torch.randn(s + 3, generator=g)
     # The unused id S+1 and the fill token S+2 never come out of a trained
     # unistream model; keep them unlikely here too.
-    dec_b[s + 1:] = -20.0
+    dec_b[s + 1 :] = -20.0
     state = {"llm_embedding.weight": torch.randn(2, h, generator=g)}
     for k, v in qwen.state_dict().items():  # model.* then lm_head (tied)
         state["llm.model." + k] = v.clone()
-    state["llm_decoder.weight"] = torch.randn(s + 3, h, generator=g) / h ** 0.5 * 3
+    state["llm_decoder.weight"] = torch.randn(s + 3, h, generator=g) / h**0.5 * 3
     state["llm_decoder.bias"] = dec_b
     state["speech_embedding.weight"] = torch.randn(s + 3, h, generator=g)
     return state
@@ -236,33 +271,64 @@ def _flow_hift(d: dict, seed: int):
     from omegaconf import DictConfig
 
     enc = UpsampleConformerEncoder(
-        output_size=512, attention_heads=8, linear_units=d["flow_linear_units"],
-        num_blocks=d["flow_blocks"], dropout_rate=0.1,
-        positional_dropout_rate=0.1, attention_dropout_rate=0.1,
-        normalize_before=True, input_layer="linear",
-        pos_enc_layer_type="rel_pos_espnet", selfattention_layer_type="rel_selfattn",
-        input_size=512, use_cnn_module=False, macaron_style=False,
-        use_dynamic_chunk=True, static_chunk_size=25,
+        output_size=512,
+        attention_heads=8,
+        linear_units=d["flow_linear_units"],
+        num_blocks=d["flow_blocks"],
+        dropout_rate=0.1,
+        positional_dropout_rate=0.1,
+        attention_dropout_rate=0.1,
+        normalize_before=True,
+        input_layer="linear",
+        pos_enc_layer_type="rel_pos_espnet",
+        selfattention_layer_type="rel_selfattn",
+        input_size=512,
+        use_cnn_module=False,
+        macaron_style=False,
+        use_dynamic_chunk=True,
+        static_chunk_size=25,
     )
     est = CausalConditionalDecoder(
-        in_channels=320, out_channels=80, channels=[d["est_channels"]], dropout=0.0,
-        attention_head_dim=d["est_head_dim"], n_blocks=d["est_blocks"],
-        num_mid_blocks=d["est_mid"], num_heads=d["est_heads"], act_fn="gelu",
-        static_chunk_size=50, num_decoding_left_chunks=-1,
+        in_channels=320,
+        out_channels=80,
+        channels=[d["est_channels"]],
+        dropout=0.0,
+        attention_head_dim=d["est_head_dim"],
+        n_blocks=d["est_blocks"],
+        num_mid_blocks=d["est_mid"],
+        num_heads=d["est_heads"],
+        act_fn="gelu",
+        static_chunk_size=50,
+        num_decoding_left_chunks=-1,
     )
     cfm = CausalConditionalCFM(
-        in_channels=240, n_spks=1, spk_emb_dim=80,
-        cfm_params=DictConfig({
-            "sigma_min": 1e-06, "solver": "euler", "t_scheduler": "cosine",
-            "training_cfg_rate": 0.2, "inference_cfg_rate": 0.7,
-            "reg_loss_type": "l1"}),
+        in_channels=240,
+        n_spks=1,
+        spk_emb_dim=80,
+        cfm_params=DictConfig(
+            {
+                "sigma_min": 1e-06,
+                "solver": "euler",
+                "t_scheduler": "cosine",
+                "training_cfg_rate": 0.2,
+                "inference_cfg_rate": 0.7,
+                "reg_loss_type": "l1",
+            }
+        ),
         estimator=est,
     )
     flow = CausalMaskedDiffWithXvec(
-        input_size=512, output_size=80, spk_embed_dim=192, output_type="mel",
-        vocab_size=d["speech_token_size"], input_frame_rate=25,
-        only_mask_loss=True, token_mel_ratio=2, pre_lookahead_len=3,
-        encoder=enc, decoder=cfm,
+        input_size=512,
+        output_size=80,
+        spk_embed_dim=192,
+        output_type="mel",
+        vocab_size=d["speech_token_size"],
+        input_frame_rate=25,
+        only_mask_loss=True,
+        token_mel_ratio=2,
+        pre_lookahead_len=3,
+        encoder=enc,
+        decoder=cfm,
     )
     torch.manual_seed(seed + 11)
     with torch.no_grad():
@@ -275,15 +341,22 @@ def _flow_hift(d: dict, seed: int):
                 p.normal_(0.0, 0.1)
     torch.manual_seed(seed + 12)
     hift = HiFTGenerator(
-        in_channels=80, base_channels=d["hift_base"], nb_harmonics=8,
-        sampling_rate=24000, nsf_alpha=0.1, nsf_sigma=0.003,
-        nsf_voiced_threshold=10, upsample_rates=[8, 5, 3],
-        upsample_kernel_sizes=[16, 11, 7], istft_params={"n_fft": 16, "hop_len": 4},
+        in_channels=80,
+        base_channels=d["hift_base"],
+        nb_harmonics=8,
+        sampling_rate=24000,
+        nsf_alpha=0.1,
+        nsf_sigma=0.003,
+        nsf_voiced_threshold=10,
+        upsample_rates=[8, 5, 3],
+        upsample_kernel_sizes=[16, 11, 7],
+        istft_params={"n_fft": 16, "hop_len": 4},
         resblock_kernel_sizes=[3, 7, 11],
         resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
         source_resblock_kernel_sizes=[7, 7, 11],
         source_resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
-        lrelu_slope=0.1, audio_limit=0.99,
+        lrelu_slope=0.1,
+        audio_limit=0.99,
         f0_predictor=ConvRNNF0Predictor(1, 80, d["f0_cond"]),
     )
     with torch.no_grad():
@@ -308,22 +381,27 @@ def make_onnx_frontend(out: Path, speech_token_size: int, seed: int = 0) -> None
 
     rng = np.random.default_rng(seed)
     w = numpy_helper.from_array(
-        rng.standard_normal((128, speech_token_size)).astype(np.float32), "w")
+        rng.standard_normal((128, speech_token_size)).astype(np.float32), "w"
+    )
     starts = numpy_helper.from_array(np.array([0], np.int64), "starts")
     ends = numpy_helper.from_array(np.array([1 << 30], np.int64), "ends")
     axes = numpy_helper.from_array(np.array([2], np.int64), "axes")
     steps = numpy_helper.from_array(np.array([4], np.int64), "steps")
     graph = helper.make_graph(
         [
-            helper.make_node("Slice", ["feats", "starts", "ends", "axes", "steps"], ["s"]),
+            helper.make_node(
+                "Slice", ["feats", "starts", "ends", "axes", "steps"], ["s"]
+            ),
             helper.make_node("Transpose", ["s"], ["t"], perm=[0, 2, 1]),
             helper.make_node("MatMul", ["t", "w"], ["logits"]),
             helper.make_node("ArgMax", ["logits"], ["a"], axis=2, keepdims=0),
             helper.make_node("Cast", ["a"], ["indices"], to=TensorProto.INT32),
         ],
         "speech_tokenizer",
-        [helper.make_tensor_value_info("feats", TensorProto.FLOAT, [1, 128, "T"]),
-         helper.make_tensor_value_info("feats_length", TensorProto.INT32, [1])],
+        [
+            helper.make_tensor_value_info("feats", TensorProto.FLOAT, [1, 128, "T"]),
+            helper.make_tensor_value_info("feats_length", TensorProto.INT32, [1]),
+        ],
         [helper.make_tensor_value_info("indices", TensorProto.INT32, [1, "N"])],
         [w, starts, ends, axes, steps],
     )
@@ -332,7 +410,8 @@ def make_onnx_frontend(out: Path, speech_token_size: int, seed: int = 0) -> None
     onnx.save(model, str(out / "speech_tokenizer_v2.onnx"))
 
     wc = numpy_helper.from_array(
-        rng.standard_normal((80, 192)).astype(np.float32) / 9.0, "wc")
+        rng.standard_normal((80, 192)).astype(np.float32) / 9.0, "wc"
+    )
     graph = helper.make_graph(
         [
             helper.make_node("ReduceMean", ["input"], ["m"], axes=[1], keepdims=0),
@@ -348,8 +427,9 @@ def make_onnx_frontend(out: Path, speech_token_size: int, seed: int = 0) -> None
     onnx.save(model, str(out / "campplus.onnx"))
 
 
-def make_release_dir(out: str | Path, size: str = "tiny", seed: int = 0,
-                     audio: bool = True) -> Path:
+def make_release_dir(
+    out: str | Path, size: str = "tiny", seed: int = 0, audio: bool = True
+) -> Path:
     import torch
 
     d = TINY if size == "tiny" else REAL
@@ -362,30 +442,38 @@ def make_release_dir(out: str | Path, size: str = "tiny", seed: int = 0,
         flow, hift = _flow_hift(d, seed)
         torch.save(flow.state_dict(), out / "flow.pt")
         torch.save(hift.state_dict(), out / "hift.pt")
-    try:
+    # without the onnx package the directory has no zero-shot frontend
+    with contextlib.suppress(ImportError):
         make_onnx_frontend(out, d["speech_token_size"], seed)
-    except ImportError:
-        pass  # no onnx package: the directory has no zero-shot frontend
     g = torch.Generator().manual_seed(seed + 2)
     s = d["speech_token_size"]
     n_prompt = 12
     prompt_tokens = torch.randint(0, s, (1, n_prompt), generator=g, dtype=torch.int32)
     emb = torch.randn(1, 192, generator=g)
-    torch.save({
-        "spk_a": {
-            "prompt_text": torch.tensor([[5, 6, 7, 8]], dtype=torch.int32),
-            "prompt_text_len": torch.tensor([4], dtype=torch.int32),
-            "llm_prompt_speech_token": prompt_tokens,
-            "llm_prompt_speech_token_len": torch.tensor([n_prompt], dtype=torch.int32),
-            "flow_prompt_speech_token": prompt_tokens,
-            "flow_prompt_speech_token_len": torch.tensor([n_prompt], dtype=torch.int32),
-            "prompt_speech_feat": torch.randn(1, 2 * n_prompt, 80, generator=g),
-            "prompt_speech_feat_len": torch.tensor([2 * n_prompt], dtype=torch.int32),
-            "llm_embedding": emb,
-            "flow_embedding": emb,
+    torch.save(
+        {
+            "spk_a": {
+                "prompt_text": torch.tensor([[5, 6, 7, 8]], dtype=torch.int32),
+                "prompt_text_len": torch.tensor([4], dtype=torch.int32),
+                "llm_prompt_speech_token": prompt_tokens,
+                "llm_prompt_speech_token_len": torch.tensor(
+                    [n_prompt], dtype=torch.int32
+                ),
+                "flow_prompt_speech_token": prompt_tokens,
+                "flow_prompt_speech_token_len": torch.tensor(
+                    [n_prompt], dtype=torch.int32
+                ),
+                "prompt_speech_feat": torch.randn(1, 2 * n_prompt, 80, generator=g),
+                "prompt_speech_feat_len": torch.tensor(
+                    [2 * n_prompt], dtype=torch.int32
+                ),
+                "llm_embedding": emb,
+                "flow_embedding": emb,
+            },
+            "spk_sft": {"embedding": torch.randn(1, 192, generator=g)},
         },
-        "spk_sft": {"embedding": torch.randn(1, 192, generator=g)},
-    }, out / "spk2info.pt")
+        out / "spk2info.pt",
+    )
     return out
 
 

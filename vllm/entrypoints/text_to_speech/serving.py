@@ -407,6 +407,11 @@ class OpenAIServingSpeech(GenerateBaseServing):
         sent_frames = 0
         total_samples = 0
         session = await self.worker.call(lambda: self.decoder.open_stream(p.params.voice))
+        # A decoder with its own chunking (e.g. CosyVoice2's token hop and
+        # look-ahead) may ask for frames as soon as they come.
+        first_chunk, next_chunk = getattr(
+            self.decoder, "stream_chunk_frames",
+            (STREAM_FIRST_CHUNK_FRAMES, STREAM_CHUNK_FRAMES))
 
         def emit(audio: np.ndarray) -> bytes:
             if stream_format == "sse":
@@ -426,8 +431,7 @@ class OpenAIServingSpeech(GenerateBaseServing):
             frames = None
             async for out in self._generate(p):
                 frames = self._frames(out)
-                target = STREAM_FIRST_CHUNK_FRAMES if sent_frames == 0 \
-                    else STREAM_CHUNK_FRAMES
+                target = first_chunk if sent_frames == 0 else next_chunk
                 if len(frames) - sent_frames >= target and not out.finished:
                     audio = await decode_new(frames)
                     sent_frames = len(frames)

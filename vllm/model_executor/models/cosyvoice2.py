@@ -609,6 +609,10 @@ class CosyVoice2SpeechDecoder:
         self.sample_rate = self.t2w.sample_rate
         self.samples_per_frame = self.t2w.samples_per_token
         self.spk_embed_dim = int(self.t2w.flow.config.spk_embed_dim)
+        # Streaming: hand every new token to the session, which decodes as
+        # soon as a hop (25 tokens, + prompt padding) and the look-ahead are
+        # there, as the original's stream loop does.
+        self.stream_chunk_frames = (1, 1)
         self._frontend: CosyVoice2Frontend | None = None
 
     def _condition(
