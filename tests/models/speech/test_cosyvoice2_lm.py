@@ -447,3 +447,54 @@ def test_reference_encoding(release_dir):
     assert np.isfinite(v.extra["prompt_feat"]).all()
     with pytest.raises(ValueError, match="16 kHz"):
         fe.encode(audio, 24000, "x")
+
+
+def test_model_sampler_uses_history(llm):
+    """``sample_codebooks`` (the runner's model-sampler hook) reads each
+    row's recent tokens from ``history`` (unified ids, -1 padded): a token
+    repeated in the window falls back to the full softmax."""
+
+    def run(model):
+        from vllm.v1.sample.logits_processor import LogitsProcessors
+        from vllm.v1.sample.metadata import SamplingMetadata
+
+        v = model.vocab
+        rows = 2000
+        speech = torch.full((v.num_speech_rows,), -1.0)
+        # p(5) = 0.85 >= top_p: the nucleus is {5} alone
+        speech[5] = np.log(0.85 * (v.num_speech_rows - 1) / 0.15) - 1.0
+        logits = torch.full((rows, v.vocab_size), float("-inf"))
+        logits[:, v.speech_offset :] = speech
+        hist = torch.full((rows, 10, 1), -1, dtype=torch.long)
+        hist[rows // 2 :, 3, 0] = v.speech_offset + 5  # token 5 seen lately
+        full = lambda x: torch.full((rows,), x)  # noqa: E731
+        md = SamplingMetadata(
+            temperature=full(1.0),
+            all_greedy=False,
+            all_random=True,
+            top_p=full(0.8),
+            top_k=torch.full((rows,), 25),
+            generators={},
+            max_num_logprobs=None,
+            no_penalties=True,
+            prompt_token_ids=None,
+            frequency_penalties=full(0.0),
+            presence_penalties=full(0.0),
+            repetition_penalties=full(1.0),
+            output_token_ids=[[] for _ in range(rows)],
+            allowed_token_ids_mask=None,
+            bad_words_token_ids={},
+            logitsprocs=LogitsProcessors(),
+        )
+        torch.manual_seed(0)
+        ids, aux = model.sample_codebooks(logits, torch.zeros(rows, 8), md, hist)
+        return ids.cpu(), aux.shape
+
+    ids, aux_shape = llm.apply_model(run)[0]
+    v = CosyVoice2Vocab(llm.llm_engine.model_config.hf_config)
+    assert aux_shape == (2000, 0)
+    assert ((ids >= v.speech_offset) & (ids < v.vocab_size)).all()
+    fresh = (ids[:1000] == v.speech_offset + 5).float().mean().item()
+    repeated = (ids[1000:] == v.speech_offset + 5).float().mean().item()
+    assert fresh == 1.0
+    assert abs(repeated - 0.85) < 0.04  # full-softmax fallback
