@@ -498,3 +498,54 @@ def test_model_sampler_uses_history(llm):
     repeated = (ids[1000:] == v.speech_offset + 5).float().mean().item()
     assert fresh == 1.0
     assert abs(repeated - 0.85) < 0.04  # full-softmax fallback
+
+
+def test_min_length_and_eos_match_original(llm, ref, release_dir, tmp_path):
+    """With eos made the most likely token, both stop right at min_len
+    (2 x the text tokens): eos is held back before it, as the original's
+    retry loop does, and ends the request after it."""
+    import copy
+    import shutil
+
+    from vllm import LLM
+    from vllm.inputs import TokensPrompt
+
+    eos_dir = tmp_path / "eos"
+    shutil.copytree(release_dir, eos_dir)
+    state = torch.load(eos_dir / "llm.pt", weights_only=True)
+    s = ref.speech_token_size
+    state["llm_decoder.bias"][s] += 12.0
+    torch.save(state, eos_dir / "llm.pt")
+    ref_eos = copy.deepcopy(ref)
+    ref_eos.load_state_dict(state, strict=True)
+
+    eos_llm = LLM(
+        model=str(eos_dir),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=512,
+        max_num_seqs=2,
+        kv_cache_memory_bytes=32 << 20,
+    )
+    mc = eos_llm.llm_engine.model_config
+    params = _params(llm, text="hello world")
+    params.model_config = mc
+    prompt = CosyVoice2ForCausalLM.get_speech_generation_prompt(params)
+    sp = CosyVoice2ForCausalLM.get_speech_sampling_params(
+        params, {"temperature": 0.0, "max_tokens": 4096}
+    )
+    text_ids = CosyVoice2ForCausalLM._text_ids(mc, "hello world")
+    want, _ = _ref_greedy(ref_eos, text_ids)
+    out = eos_llm.generate(TokensPrompt(**prompt), sp, use_tqdm=False)[0].outputs[0]
+    got = CosyVoice2ForCausalLM.get_speech_frames(out, mc)[:, 0].tolist()
+    assert len(want) == sp.min_tokens == 2 * len(text_ids)
+    assert got == want
+    assert out.finish_reason == "stop" and len(out.token_ids) == len(want) + 1
+    # seeded RAS stops at min_len too (eos dominates the nucleus)
+    sp2 = CosyVoice2ForCausalLM.get_speech_sampling_params(
+        params,
+        {"temperature": 1.0, "top_p": 0.8, "top_k": 25, "seed": 0, "max_tokens": 4096},
+    )
+    out2 = eos_llm.generate(TokensPrompt(**prompt), sp2, use_tqdm=False)[0].outputs[0]
+    assert len(out2.token_ids) == sp2.min_tokens + 1
+    del eos_llm
