@@ -278,26 +278,23 @@ class CosyVoice2ForCausalLM(nn.Module, SupportsSpeechGeneration, SupportsMultiCo
         dev = logits.device
         logits = logits.float()
         # Other per-request logits processors (e.g. logit_bias) apply as
-        # usual; min_tokens is applied below as the original does it.
-        below_min: list[int] = []
+        # usual. min_tokens is not applied to the logits: its stop ids are
+        # removed from the RAS law instead (below), which is what the
+        # original's retry-until-not-eos loop samples from. The original
+        # holds back only eos (id S); vLLM's min_tokens also holds back the
+        # other stop ids (S + 1, S + 2), which a trained model never emits.
+        banned = None
         for proc in md.logitsprocs.non_argmax_invariant:
             if isinstance(proc, MinTokensLogitsProcessor):
-                below_min = [
-                    i
-                    for i, (n, out, _) in proc.min_toks.items()
-                    if i < rows and len(out) < n
-                ]
+                if proc.min_toks:
+                    mask = torch.zeros_like(logits, dtype=torch.bool)
+                    mask.index_put_(
+                        proc.logits_slice, torch.ones((), dtype=torch.bool, device=dev)
+                    )
+                    banned = mask[:, v.speech_offset :]
                 continue
             logits = proc.apply(logits)
         speech = logits[:, v.speech_offset :]
-        banned = None
-        if below_min:
-            # The original masks only eos (id S) below min_len; the other
-            # stop ids (S + 1, S + 2) are never produced by a trained model.
-            banned = torch.zeros_like(speech, dtype=torch.bool)
-            rows_t = torch.tensor(below_min, device=dev, dtype=torch.long)
-            for sid in v.stop_token_ids:
-                banned[rows_t, sid - v.speech_offset] = True
 
         masked = speech if banned is None else speech.masked_fill(banned, float("-inf"))
         if md.temperature is None or md.all_greedy:
