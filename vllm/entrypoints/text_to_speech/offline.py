@@ -110,7 +110,7 @@ class SpeechSynthesizer:
                                    "repetition_penalty", "seed"}
         if unknown:
             raise TypeError(f"unknown sampling options: {sorted(unknown)}")
-        prompts, params_list = [], []
+        prompts, params_list, requests = [], [], []
         for text in texts:
             if not text or not text.strip():
                 raise ValueError("texts must not be empty")
@@ -125,12 +125,15 @@ class SpeechSynthesizer:
             kwargs["max_tokens"] = max_new_tokens or self.config.default_max_new_tokens
             prompts.append(self.model_cls.get_speech_generation_prompt(params))
             params_list.append(self.model_cls.get_speech_sampling_params(params, kwargs))
+            requests.append(params)
         outputs = self.llm.generate(prompts, params_list, use_tqdm=use_tqdm)
         frames = [self.model_cls.get_speech_frames(o.outputs[0], self.model_config)
                   for o in outputs]
         with torch.inference_mode():
             nonempty = [f for f in frames if len(f)]
-            voices = [voice] * len(nonempty)
+            # The prompt hook may resolve the voice (e.g. a preset speaker
+            # whose prompt conditions the decoder too).
+            voices = [p.voice for p, f in zip(requests, frames) if len(f)]
             decoded = iter(self.decoder.decode(nonempty, voices) if nonempty else [])
         results = []
         for text, f in zip(texts, frames):
