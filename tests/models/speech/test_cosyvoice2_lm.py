@@ -364,6 +364,25 @@ def test_ras_distribution_matches_original(ref, case):
         assert law[s] == 0 and emp[s] == 0
 
 
+def test_ras_banned_nucleus_falls_back():
+    """Below min_len with a nucleus of eos alone the original raises after
+    100 retries; here the draw comes from the rest of the softmax."""
+    scores = torch.tensor([[0.0, 1.0, 9.0, -1.0]])
+    banned = torch.tensor([[False, False, True, False]])
+    law = ras_distribution(
+        scores,
+        torch.full((1, 10), -1),
+        torch.tensor([0.8]),
+        torch.tensor([25]),
+        10,
+        0.1,
+        banned,
+    )[0]
+    assert law[2] == 0 and law.sum() > 0
+    want = scores[0].softmax(-1).masked_fill(banned[0], 0.0)
+    torch.testing.assert_close(law / law.sum(), want / want.sum())
+
+
 def test_seeded_ras_sampling_in_engine(llm):
     """Sampling (RAS through the runner's model-sampler hook) is seeded per
     request, never yields non-speech ids and honours min/max lengths."""

@@ -164,6 +164,10 @@ def ras_distribution(
     law = nucleus * (~repeated) + p_rep * full
     if banned is not None:
         law = law.masked_fill(banned, 0.0)
+        # Nucleus of banned ids only: the original retries 100 times and
+        # raises; draw from the rest of the full softmax instead.
+        empty = law.sum(dim=-1, keepdim=True) <= 0
+        law = torch.where(empty, full.masked_fill(banned, 0.0), law)
     return law
 
 
