@@ -490,12 +490,20 @@ def test_golden_fixtures(kind, tmp_path):
     )
     try:
         outs = llm.generate(prompts, plist, use_tqdm=False)
+        cfg = llm.llm_engine.vllm_config.model_config.hf_config
     finally:
         del llm
     for out, logits, frames in zip(outs, fx["logits"], fx["frames"]):
         o = out.outputs[0]
         lp = o.logprobs[0]
         got_ids = list(lp)
+        if kind == "s2":
+            # S2's default head computes only the semantic slice + im_end
+            # (what its sampler allows): log-probs over that set
+            allowed = torch.zeros_like(logits, dtype=torch.bool)
+            allowed[cfg.semantic_begin_id : cfg.semantic_end_id + 1] = True
+            allowed[cfg.im_end_id] = True
+            logits = logits.masked_fill(~allowed, float("-inf"))
         want = torch.log_softmax(logits, -1)
         # first entry: the sampled token (S2: the best *semantic* one; the
         # log-probs are of the raw logits), then the top 20

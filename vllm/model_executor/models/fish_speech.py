@@ -66,6 +66,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.fish_speech_fast import FastLoopGraphs
 from vllm.model_executor.models.fish_speech_tts import FishSpeechTTSMixin
 from vllm.sequence import IntermediateTensors
 
@@ -531,6 +532,25 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
             persistent=False,
         )
         self.norm_fastlayer_input = bool(getattr(config, "norm_fastlayer_input", False))
+        # Slow head over the semantic slice + <|im_end|> only (the other rows
+        # get -inf): S2 restricts sampling to them anyway; for 1.5/S1 it is an
+        # opt-in (hf_overrides {"semantic_only_head": true}) since the
+        # originals sample the whole vocabulary.
+        self.semantic_only_head = bool(
+            getattr(config, "semantic_only_head", None)
+            if getattr(config, "semantic_only_head", None) is not None
+            else self.version == "s2"
+        ) and get_tensor_model_parallel_world_size() == 1
+        # The fast loop as CUDA graphs (GPU, not enforce_eager).
+        self._fast_graphs: dict[bool, FastLoopGraphs] | None = None
+        if (
+            not vllm_config.model_config.enforce_eager
+            and vllm_config.device_config.device.type == "cuda"
+        ):
+            self._fast_graphs = {
+                False: FastLoopGraphs(self._fast_loop_sampled),
+                True: FastLoopGraphs(self._fast_loop_greedy),
+            }
         self.scale_codebook_embeddings = bool(
             getattr(config, "scale_codebook_embeddings", False)
         )
@@ -602,7 +622,19 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
         return self.model(input_ids, positions, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.output, self.model.norm(hidden_states))
+        hidden_states = self.model.norm(hidden_states)
+        if not self.semantic_only_head:
+            return self.logits_processor(self.output, hidden_states)
+        # semantic ids are contiguous: one GEMM over that slice, one row for
+        # <|im_end|>; the rest of the vocabulary is -inf
+        w = self.output.weight
+        begin, end, im_end = self.semantic_begin_id, self.semantic_end_id, self.im_end_id
+        logits = hidden_states.new_full(
+            (hidden_states.shape[0], self.config.vocab_size), float("-inf")
+        )
+        logits[:, begin : end + 1] = F.linear(hidden_states, w[begin : end + 1])
+        logits[:, im_end] = F.linear(hidden_states, w[im_end : im_end + 1])[:, 0]
+        return logits
 
     # ---- fast model ----
 
@@ -702,29 +734,76 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
         )
 
         c0_new = (main - self.semantic_begin_id).clamp(0, self.codebook_size - 1)
-        x0 = self.fast_input(hidden_states)
+        aux = self._run_fast(
+            hidden_states, c0_new, greedy, temperature, top_p, penalty, None,
+            window, generators, all_greedy,
+        )
+        return main.long(), aux.long()
+
+    def _fast_loop(
+        self,
+        hidden: torch.Tensor,
+        c0: torch.Tensor,
+        greedy: torch.Tensor,
+        temperature: torch.Tensor,
+        top_p: torch.Tensor,
+        penalty: torch.Tensor,
+        top_k: torch.Tensor,
+        window: torch.Tensor,
+        all_greedy: bool = False,
+        generators: dict[int, torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """The residual codes [R, N-1] of one frame: the fast transformer over
+        (hidden, codebook 0, 1, ...) with each family's sampler. Tensor-only
+        and free of host syncs, so that it can be captured in a CUDA graph."""
+        generators = generators or {}
+        rows = hidden.shape[0]
+        x0 = self.fast_input(hidden)
         caches = self._new_fast_caches(rows, x0)
-        x = torch.stack([x0, self.fast_embeddings(c0_new)], dim=1)
-        codes = []
+        x = torch.stack([x0, self.fast_embeddings(c0)], dim=1)
+        s2 = self.version == "s2"
         lim = _S1_RESIDUAL_CODES if self.version == "s1" else self.codebook_size
-        pos = 0
+        codes, pos = [], 0
         for k in range(1, self.num_codebooks):
             lg = self.fast_logits(x, pos, caches)[:, :lim]
             pos += x.shape[1]
-            ck = _fish_sample(
-                lg,
-                greedy,
-                temperature,
-                top_p,
-                penalty,
-                window[:, :, k + 1],
-                generators,
-                all_greedy,
-            )
+            if s2:
+                ck = _s2_sample(
+                    lg, greedy, temperature, top_p, top_k, generators, all_greedy
+                )
+            else:
+                ck = _fish_sample(
+                    lg, greedy, temperature, top_p, penalty, window[:, :, k + 1],
+                    generators, all_greedy,
+                )
             codes.append(ck)
             x = self.fast_embeddings(ck)[:, None]
-        aux = torch.stack(codes, dim=1) if codes else main.new_zeros(rows, 0)
-        return main.long(), aux.long()
+        return torch.stack(codes, dim=1) if codes else c0.new_zeros(rows, 0)
+
+    def _fast_loop_sampled(self, *args: torch.Tensor) -> torch.Tensor:
+        return self._fast_loop(*args, all_greedy=False)
+
+    def _fast_loop_greedy(self, *args: torch.Tensor) -> torch.Tensor:
+        return self._fast_loop(*args, all_greedy=True)
+
+    def _run_fast(
+        self, hidden, c0, greedy, temperature, top_p, penalty, top_k, window,
+        generators, all_greedy,
+    ) -> torch.Tensor:
+        """The fast loop, replayed from a CUDA graph when possible (no seeded
+        requests in the batch), else eagerly."""
+        if top_k is None:
+            top_k = torch.full_like(c0, self.codebook_size)
+        args = (hidden, c0, greedy, temperature, top_p, penalty, top_k.long(), window)
+        if (
+            self._fast_graphs is not None
+            and not generators
+            and not torch.cuda.is_current_stream_capturing()
+        ):
+            out = self._fast_graphs[bool(all_greedy)](*args)
+            if out is not None:
+                return out
+        return self._fast_loop(*args, all_greedy=all_greedy, generators=generators)
 
     def _sample_s2(
         self,
@@ -771,19 +850,12 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
             )
             main = torch.where(repeated, alt, main)
         c0 = (main - self.semantic_begin_id).clamp(0, self.codebook_size - 1)
-        x0 = self.fast_input(hidden_states)
-        caches = self._new_fast_caches(rows, x0)
-        x = torch.stack([x0, self.fast_embeddings(c0)], dim=1)
-        codes, pos = [], 0
-        for _ in range(1, self.num_codebooks):
-            lg = self.fast_logits(x, pos, caches)
-            pos += x.shape[1]
-            ck = _s2_sample(
-                lg, greedy, temperature, top_p, top_k, generators, all_greedy
-            )
-            codes.append(ck)
-            x = self.fast_embeddings(ck)[:, None]
-        return main.long(), torch.stack(codes, dim=1).long()
+        codes = self._run_fast(
+            hidden_states, c0, greedy, temperature, top_p,
+            torch.ones_like(temperature), top_k, history[:, :1, :1], generators,
+            all_greedy,
+        )
+        return main.long(), codes.long()
 
     # ---- weights ----
 
