@@ -192,6 +192,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="also time the original with torch.compile")
     ap.add_argument("--skip-original", action="store_true")
+    ap.add_argument("--skip-original-eager", action="store_true",
+                    help="time only the original's torch.compile path")
     ap.add_argument("--semantic-only-head", choices=["default", "on", "off"],
                     default="default")
     a = ap.parse_args()
@@ -202,16 +204,19 @@ def main() -> None:
     cfg = json.loads((a.ckpt / "config.json").read_text())
     result["roofline"] = roofline(cfg, cfg["vocab_size"], cfg["codebook_size"])
     if not a.skip_original:
-        result["original"] = bench_original(a.ckpt, a.frames, False, sampling)
+        if not a.skip_original_eager:
+            result["original"] = bench_original(a.ckpt, a.frames, False, sampling)
         if a.compile:
             result["original_compiled"] = bench_original(a.ckpt, a.frames, True,
                                                           sampling)
+    a.out.write_text(json.dumps(result, indent=2))  # partial, in case of a timeout
     soh = {"default": None, "on": True, "off": False}[a.semantic_only_head]
     result["vllm"] = bench_vllm(a.ckpt, a.frames, a.concurrency, sampling, soh)
-    if "original" in result:
-        base = max(result["original"]["frames_per_s"],
-                   result.get("original_compiled", {}).get("frames_per_s", 0))
-        base_ttff = result["original"]["time_to_first_frame_s"]
+    origs = [result[k] for k in ("original", "original_compiled") if k in result]
+    if origs:
+        best = max(origs, key=lambda r: r["frames_per_s"])
+        base = best["frames_per_s"]
+        base_ttff = min(r["time_to_first_frame_s"] for r in origs)
         result["ratios_vs_original"] = {
             c: {"frames_per_s": r["frames_per_s"] / base,
                 "time_to_first_frame": base_ttff / r["time_to_first_frame_s"]}

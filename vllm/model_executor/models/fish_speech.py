@@ -547,9 +547,13 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
             not vllm_config.model_config.enforce_eager
             and vllm_config.device_config.device.type == "cuda"
         ):
+            # Opt-in (hf_overrides {"fuse_fast_loop": true}): torch.compile the
+            # loop before capture. Correct on an H100 (graph == eager), but its
+            # speed is not measured yet and it compiles at the first request.
+            fuse = bool(getattr(config, "fuse_fast_loop", False))
             self._fast_graphs = {
-                False: FastLoopGraphs(self._fast_loop_sampled),
-                True: FastLoopGraphs(self._fast_loop_greedy),
+                False: FastLoopGraphs(self._fast_loop_sampled, compile=fuse),
+                True: FastLoopGraphs(self._fast_loop_greedy, compile=fuse),
             }
         self.scale_codebook_embeddings = bool(
             getattr(config, "scale_codebook_embeddings", False)

@@ -8,7 +8,9 @@ about 40 small kernels per position and layer plus the sampling, several
 hundred launches per step, which dominate a decode step at small batch.
 ``FastLoopGraphs`` captures the whole loop (fast layers, head, repetition
 penalty, top-p, temperature, the exponential-race draw and the embedding of
-each sampled code) once per padded batch size and replays it.
+each sampled code) once per padded batch size and replays it; with
+``compile=True`` (opt-in: ``hf_overrides={"fuse_fast_loop": true}``) the loop
+is first fused by ``torch.compile``.
 
 The captured function must be free of host synchronisation and of
 data-dependent Python branches; random draws use the default CUDA generator
@@ -43,8 +45,11 @@ class FastLoopGraphs:
         self,
         fn: Callable[..., torch.Tensor],
         buckets: Sequence[int] = DEFAULT_BUCKETS,
+        compile: bool = False,
     ) -> None:
-        self.fn = fn
+        # torch.compile (inductor) fuses the loop's many small kernels before
+        # capture; the batch dimension is dynamic, so buckets share the code.
+        self.fn = torch.compile(fn, dynamic=True, fullgraph=True) if compile else fn
         self.buckets = tuple(sorted(buckets))
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[torch.Tensor],
                                      torch.Tensor]] = {}
