@@ -8,7 +8,9 @@ then, in the same process and on the same GPU:
 
 * the original PyTorch inference loop of ``fish_speech==0.1.0``
   (``init_model`` + ``generate``: batch 1, optionally ``--compile``), one
-  request after another;
+  request after another; for ``--size s2-pro`` (S2-Pro dimensions, sharded
+  safetensors) the S2 original from a fish-speech checkout at 3dd1f85
+  (``--original-src``), on the same prompt ids;
 * vLLM (this patch set) with concurrency 1, 8 and 64.
 
 Reported: generated frames per second (aggregate and per request), time to
@@ -17,6 +19,8 @@ to the original, and the bytes-per-frame roofline at batch 1 (weights read
 per frame over the GPU's memory bandwidth).
 
     python benchmarks/bench_fish_speech.py --out result.json [--size tiny]
+    python benchmarks/bench_fish_speech.py --out s2.json --size s2-pro \
+        --ckpt /tmp/fish-s2-bench --original-src /path/to/fish-speech
 """
 
 from __future__ import annotations
@@ -43,6 +47,17 @@ S1_MINI = dict(
 )
 S1_MINI_RANKS = 151643  # vocab = ranks + 15 specials + 4096 semantic
 S1_MINI_CODEBOOK = 4096
+# fishaudio/s2-pro config.json (text_config + audio_decoder_config), with
+# max_seq_len 4096 for both systems: the original attends over its whole
+# static cache, so a 32k cache would slow it for nothing
+S2_PRO = dict(
+    dim=2560, n_layer=36, n_head=32, n_local_heads=8, head_dim=128,
+    intermediate_size=9728, n_fast_layer=4, fast_dim=2560, fast_n_head=32,
+    fast_n_local_heads=8, fast_head_dim=128, fast_intermediate_size=9728,
+    max_seq_len=4096, rope_base=1000000.0, norm_eps=1e-6, num_codebooks=10,
+)
+S2_PRO_VOCAB = 155776
+S2_PRO_CODEBOOK = 4096
 TEXT = ("Hello world, this is a benchmark of the dual autoregressive "
         "text to speech model served by vLLM.")
 # Peak HBM bandwidth (bytes/s) by device name fragment.
@@ -92,9 +107,12 @@ def roofline(cfg: dict, vocab: int, codebook: int, dtype_bytes: int = 2) -> dict
 def make_checkpoint(out: Path, size: str) -> None:
     import make_fish_checkpoint as mfc
 
-    if (out / "model.pth").exists():
+    if (out / "config.json").exists():
         return
-    if size == "tiny":
+    if size == "s2-pro":
+        mfc.make_s2(out, seed=0, dtype=torch.bfloat16, dims=S2_PRO,
+                    codebook_size=S2_PRO_CODEBOOK, vocab_size=S2_PRO_VOCAB)
+    elif size == "tiny":
         mfc.make_s1(out, seed=0, dtype=torch.bfloat16)
     else:
         mfc.make_s1(out, seed=0, dtype=torch.bfloat16, dims=S1_MINI,
@@ -141,13 +159,67 @@ def bench_original(ckpt: Path, frames: int, compile_: bool, sampling: dict) -> d
             "compile": compile_}
 
 
+def import_original_s2(src: Path):
+    """The original S2 modules from a fish-speech checkout (no PyPI release
+    holds them), imported as the golden-fixture script does."""
+    import importlib.util
+
+    path = REPO / "tests/models/speech/fixtures/fish_lm/make_fixture.py"
+    spec = importlib.util.spec_from_file_location("fish_lm_fixture", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.import_original(str(src))
+
+
+def bench_original_s2(src: Path, ckpt: Path, frames: int, compile_: bool,
+                      sampling: dict, prompt_ids: list[int]) -> dict:
+    """fish-speech S2 (``init_model`` + ``generate``, batch 1) on the same
+    prompt ids as vLLM (text only: codebook rows are zero)."""
+    _, ref = import_original_s2(src)
+    model, decode_one_token = ref.init_model(
+        str(ckpt), "cuda", torch.bfloat16, compile=compile_)
+    k = model.config.num_codebooks
+    ids = torch.tensor(prompt_ids, dtype=torch.int)
+    prompt = torch.cat([ids[None], torch.zeros(k, ids.numel(), dtype=torch.int)]).cuda()
+
+    def run(n: int) -> tuple[float, int]:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        y = ref.generate(model=model, prompt=prompt, max_new_tokens=n,
+                         audio_masks=None, audio_parts=None,
+                         decode_one_token=decode_one_token, **sampling)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, y.shape[1] - prompt.shape[1]
+
+    for _ in range(2):  # warm-up (and compilation)
+        run(16)
+    t2, _ = run(2)
+    dt, n = run(frames)
+    ttff = t2 - (dt - t2) / max(n - 2, 1)
+    del model
+    torch.cuda.empty_cache()
+    return {"frames": n, "seconds": dt, "frames_per_s": n / dt,
+            "time_to_first_frame_s": ttff, "prompt_tokens": int(prompt.shape[1]),
+            "compile": compile_, "source": str(src)}
+
+
+def prompt_ids(ckpt: Path) -> list[int]:
+    """The request's prompt as the API builds it (no engine needed)."""
+    from vllm.config import ModelConfig
+    from vllm.model_executor.models.fish_speech_tts import build_fish_prompt
+
+    return build_fish_prompt(ModelConfig(model=str(ckpt)), TEXT)[0]
+
+
 def bench_vllm(ckpt: Path, frames: int, concurrencies: list[int], sampling: dict,
-               semantic_only_head: bool | None) -> dict:
+               semantic_only_head: bool | None, fuse_fast_loop: bool = False) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     overrides = {} if semantic_only_head is None else \
         {"semantic_only_head": semantic_only_head}
+    if fuse_fast_loop:
+        overrides["fuse_fast_loop"] = True
     llm = LLM(str(ckpt), dtype="bfloat16", max_model_len=4096,
               max_num_seqs=max(concurrencies), gpu_memory_utilization=0.6,
               hf_overrides=overrides or None)
@@ -162,7 +234,8 @@ def bench_vllm(ckpt: Path, frames: int, concurrencies: list[int], sampling: dict
                               detokenize=False, **sampling)
 
     out = {"prompt_tokens": len(ids), "by_concurrency": {},
-           "semantic_only_head": semantic_only_head}
+           "semantic_only_head": semantic_only_head,
+           "fuse_fast_loop": fuse_fast_loop}
     for c in concurrencies:
         # warm-up at this batch size (captures its fast-loop CUDA graph)
         llm.generate([prompt] * c, params(4), use_tqdm=False)
@@ -186,7 +259,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--ckpt", type=Path, default=Path("/tmp/fish-s1-bench"))
-    ap.add_argument("--size", choices=["s1-mini", "tiny"], default="s1-mini")
+    ap.add_argument("--size", choices=["s1-mini", "s2-pro", "tiny"],
+                    default="s1-mini")
+    ap.add_argument("--original-src", type=Path,
+                    help="fish-speech checkout at 3dd1f85 (the S2 original; "
+                    "--size s2-pro)")
+    ap.add_argument("--fuse-fast-loop", action="store_true",
+                    help="vLLM: hf_overrides fuse_fast_loop (torch.compile "
+                    "of the codebook loop before CUDA-graph capture)")
     ap.add_argument("--frames", type=int, default=256)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--compile", action="store_true",
@@ -197,21 +277,37 @@ def main() -> None:
     ap.add_argument("--semantic-only-head", choices=["default", "on", "off"],
                     default="default")
     a = ap.parse_args()
-    sampling = dict(temperature=0.8, top_p=0.8, repetition_penalty=1.1)
+    s2 = a.size == "s2-pro"
+    if s2 and not (a.skip_original or a.original_src):
+        ap.error("--size s2-pro needs --original-src (or --skip-original)")
+    # S2: the family's own sampling (top-k 30, top-p 0.9, no repetition
+    # penalty); 1.5/S1: top-p 0.8 and a repetition penalty over the window
+    sampling = (dict(temperature=0.8, top_p=0.9, top_k=30) if s2 else
+                dict(temperature=0.8, top_p=0.8, repetition_penalty=1.1))
     make_checkpoint(a.ckpt, a.size)
     result: dict = {"device": torch.cuda.get_device_name(), "size": a.size,
                     "frames": a.frames, "sampling": sampling}
     cfg = json.loads((a.ckpt / "config.json").read_text())
-    result["roofline"] = roofline(cfg, cfg["vocab_size"], cfg["codebook_size"])
+    if s2:
+        result["roofline"] = roofline(
+            {**S2_PRO, "num_codebooks": cfg["audio_decoder_config"]["num_codebooks"]},
+            cfg["text_config"]["vocab_size"],
+            cfg["audio_decoder_config"]["vocab_size"])
+    else:
+        result["roofline"] = roofline(cfg, cfg["vocab_size"], cfg["codebook_size"])
     if not a.skip_original:
-        if not a.skip_original_eager:
-            result["original"] = bench_original(a.ckpt, a.frames, False, sampling)
-        if a.compile:
-            result["original_compiled"] = bench_original(a.ckpt, a.frames, True,
-                                                          sampling)
-    a.out.write_text(json.dumps(result, indent=2))  # partial, in case of a timeout
+        modes = ([] if a.skip_original_eager else [False]) + ([True] if a.compile else [])
+        for compile_ in modes:
+            key = "original_compiled" if compile_ else "original"
+            if s2:
+                result[key] = bench_original_s2(a.original_src, a.ckpt, a.frames,
+                                                compile_, sampling, prompt_ids(a.ckpt))
+            else:
+                result[key] = bench_original(a.ckpt, a.frames, compile_, sampling)
+            a.out.write_text(json.dumps(result, indent=2))  # partial results
     soh = {"default": None, "on": True, "off": False}[a.semantic_only_head]
-    result["vllm"] = bench_vllm(a.ckpt, a.frames, a.concurrency, sampling, soh)
+    result["vllm"] = bench_vllm(a.ckpt, a.frames, a.concurrency, sampling, soh,
+                                a.fuse_fast_loop)
     origs = [result[k] for k in ("original", "original_compiled") if k in result]
     if origs:
         best = max(origs, key=lambda r: r["frames_per_s"])

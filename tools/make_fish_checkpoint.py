@@ -223,13 +223,14 @@ def make_v15(out: Path, seed: int, dtype: torch.dtype) -> None:
     torch.save({k: v.to(dtype) for k, v in sd.items()}, out / "model.pth")
 
 
-def make_s2(out: Path, seed: int, dtype: torch.dtype) -> None:
+def make_s2(out: Path, seed: int, dtype: torch.dtype, dims: dict | None = None,
+            codebook_size: int = 64, vocab_size: int | None = None) -> None:
+    """``dims`` overrides TINY (e.g. the S2-Pro sizes); ``vocab_size`` pads the
+    text embedding past the tokenizer's ids (S2-Pro: 155776)."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 
     out.mkdir(parents=True, exist_ok=True)
-    ranks = byte_ranks()
-    codebook_size = 64
     # HF byte-level BPE: base vocab = the 256 byte symbols
     b2u = gpt2_byte_symbols()
     vocab = {b2u[i]: i for i in range(256)}
@@ -245,9 +246,9 @@ def make_s2(out: Path, seed: int, dtype: torch.dtype) -> None:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast",
                    "eos_token": "<|im_end|>", "pad_token": "<|pad|>"}, f)
     ids = {t: 256 + i for i, t in enumerate(specials)}
-    t = TINY
+    t = {**TINY, **(dims or {})}
     text_config = dict(
-        vocab_size=256 + len(specials) + 4, n_layer=t["n_layer"], n_head=t["n_head"],
+        vocab_size=vocab_size or 256 + len(specials) + 4, n_layer=t["n_layer"], n_head=t["n_head"],
         n_local_heads=t["n_local_heads"], head_dim=t["head_dim"], dim=t["dim"],
         intermediate_size=t["intermediate_size"], rope_base=t["rope_base"],
         norm_eps=t["norm_eps"], max_seq_len=t["max_seq_len"],

@@ -104,3 +104,31 @@ def test_semantic_only_head_equals_masked_full_head(s1_dir):
         d_sem = sem[t].logprob - sem[ref].logprob
         d_full = full[t].logprob - full[ref].logprob
         assert abs(d_sem - d_full) < 1e-4
+
+
+def test_fused_codebook_embedding_sum_matches_torch():
+    """The ``_speech_C`` kernel Fish's ``embed_input_ids`` calls on CUDA gives
+    the torch reference (K gathers + adds, fp32 accumulation) at S1-mini
+    shapes, for int32 and int64 codes, bf16 and fp32 tables."""
+    from vllm.model_executor.layers.codebook_embedding import (
+        codebook_embedding_sum, codebook_embedding_sum_ref, speech_ops_available)
+
+    assert speech_ops_available(), (
+        "vllm._speech_C is not built: run `python setup.py build-kernels "
+        "--site <site-packages>` (or build vLLM with the speech CMake target)")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    K, C, H, N = 10, 4096, 1024, 37
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(K * C, H, generator=g, device="cuda").to(dtype)
+        for idx in (torch.int32, torch.int64):
+            codes = torch.randint(0, C, (N, K), generator=g,
+                                  device="cuda").to(idx)
+            got = codebook_embedding_sum(codes, w, C)
+            ref = codebook_embedding_sum_ref(codes, w, C)
+            exact = (w.float()[codes.long() + torch.arange(K, device="cuda") * C]
+                     .sum(1))
+            assert got.dtype == dtype and got.shape == (N, H)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(got.float(), ref.float(), rtol=tol,
+                                       atol=tol)
+            torch.testing.assert_close(got.float(), exact, rtol=tol, atol=tol)

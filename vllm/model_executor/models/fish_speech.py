@@ -52,6 +52,7 @@ from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.logger import init_logger
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.codebook_embedding import codebook_embedding_sum
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
     MergedColumnParallelLinear,
@@ -602,12 +603,16 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
         if aux_codes is None:
             aux_codes = ids.new_zeros(ids.shape[0], self.num_aux_codebooks)
         codes = torch.cat([c0[:, None], aux_codes.to(ids.device).long()], dim=1)
-        offsets = torch.arange(self.num_codebooks, device=ids.device)
-        codes = codes + offsets * self.codebook_size
-        vq = self.model.codebook_embeddings(codes.reshape(-1)).view(
-            ids.shape[0], self.num_codebooks, -1
-        )
-        vq = vq.sum(dim=1)
+        table = self.model.codebook_embeddings
+        if get_tensor_model_parallel_world_size() == 1:
+            # one launch on CUDA (_speech_C), the torch reference elsewhere;
+            # both accumulate the K rows in fp32
+            vq = codebook_embedding_sum(codes, table.weight, self.codebook_size)
+        else:
+            # vocab-sharded table: the parallel embedding all-reduces the rows
+            offsets = torch.arange(self.num_codebooks, device=ids.device)
+            vq = table((codes + offsets * self.codebook_size).reshape(-1))
+            vq = vq.view(ids.shape[0], self.num_codebooks, -1).sum(dim=1)
         x = x + torch.where(is_sem[:, None], vq, torch.zeros_like(vq))
         if self.scale_codebook_embeddings:
             x = torch.where(is_sem[:, None], x / math.sqrt(self.num_codebooks + 1), x)
