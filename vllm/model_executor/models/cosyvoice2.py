@@ -22,7 +22,9 @@ runner's ``SupportsMultiCodebook`` hook with no auxiliary codebooks.
 
 Speech generation glue (``SupportsSpeechGeneration``): prompt layouts of the
 original frontend (zero-shot, cross-lingual, instruct2, ``spk2info.pt``
-speakers), min/max lengths from the text length, and a ``SpeechDecoder`` on
+speakers), its text normalisation and sentence splitting without ttsfrd /
+wetext (``cosyvoice_frontend.py``; one LM run per segment), min/max lengths
+from the text length, and a ``SpeechDecoder`` on
 the flow + HiFT token2wav (``cosyvoice_token2wav.py``), offline and
 streaming.
 """
@@ -102,6 +104,11 @@ COSYVOICE2_SPECIAL_TOKENS = {
 class CosyVoice2Vocab:
     """Offsets of the unified id space (from the parsed config)."""
 
+    # Speech tokens the original drops from the output after this many in a
+    # row (``CosyVoiceModel.llm_job``); CosyVoice2 has none.
+    silent_tokens: tuple[int, ...] = ()
+    max_silent_run = 5
+
     def __init__(self, config: Any):
         self.text_vocab_size = int(config.cosyvoice_text_vocab_size)
         self.speech_token_size = int(config.cosyvoice_speech_token_size)
@@ -117,6 +124,33 @@ class CosyVoice2Vocab:
     def speech_ids(self, tokens: Iterable[int]) -> list[int]:
         return [self.speech_offset + int(t) for t in tokens]
 
+    def frames(self, token_ids: Iterable[int]) -> np.ndarray:
+        """The speech tokens of generated ids, as the original hands them to
+        token2wav: up to the first stop id, runs of silent tokens cut after
+        ``max_silent_run``."""
+        ids = np.asarray(list(token_ids), dtype=np.int64)
+        stop = np.isin(ids, self.stop_token_ids)
+        if stop.any():
+            ids = ids[: int(np.argmax(stop))]
+        lo = self.speech_offset
+        ids = ids[(ids >= lo) & (ids < lo + self.speech_token_size)] - lo
+        return drop_long_silences(ids, self.silent_tokens, self.max_silent_run)
+
+
+def drop_long_silences(
+    tokens: np.ndarray, silent: Iterable[int], max_run: int
+) -> np.ndarray:
+    """Keep the first ``max_run`` tokens of every run of ``silent`` tokens
+    (``CosyVoiceModel.llm_job``: the LM still saw the dropped ones)."""
+    silent = list(silent)
+    if not silent or tokens.size == 0:
+        return tokens
+    is_silent = np.isin(tokens, silent)
+    count = np.cumsum(is_silent)
+    # silent count at the last non-silent token before each position
+    base = np.maximum.accumulate(np.where(is_silent, 0, count))
+    return tokens[~is_silent | (count - base <= max_run)]
+
 
 # ------------------------------------------------------------ sampling ----
 def ras_distribution(
@@ -127,6 +161,7 @@ def ras_distribution(
     win_size: int,
     tau_r: float,
     banned: torch.Tensor | None = None,
+    exclude_repeated: bool = False,
 ) -> torch.Tensor:
     """The distribution of the original ``ras_sampling`` for each row.
 
@@ -138,6 +173,11 @@ def ras_distribution(
     ``N`` the renormalised nucleus and ``F`` the full softmax. ``banned``
     [R, V] rows (min length not reached) reject the eos id as the original
     ``sampling_ids`` retry loop does: the law conditioned on not eos.
+
+    ``exclude_repeated``: the later ``ras_sampling`` (CosyVoice3 era) sets the
+    repeated draw's score to ``-inf`` before the fallback draw, so that draw
+    comes from the softmax without that token: ``P(x) = N(x) [x not
+    repeated] + sum_{y repeated, y != x} N(y) F(x) / (1 - F(y))``.
 
     logits [R, V] fp32 (speech slice), history [R, W] ids in the same index
     space (-1 = none), top_p [R] float, top_k [R] int (<= 0: no limit).
@@ -160,8 +200,15 @@ def ras_distribution(
         1, hist.clamp(0, vocab - 1).long(), valid.to(full.dtype)
     )
     repeated = counts >= win_size * tau_r
-    p_rep = (nucleus * repeated).sum(dim=-1, keepdim=True)
-    law = nucleus * (~repeated) + p_rep * full
+    if exclude_repeated:
+        rest = (1.0 - full).clamp_min(1e-20)
+        share = torch.where(repeated, nucleus / rest, 0.0)
+        law = nucleus * (~repeated) + full * (share.sum(dim=-1, keepdim=True) - share)
+        # a repeated token holding all the mass: keep the nucleus draw
+        law = torch.where(law.sum(dim=-1, keepdim=True) > 0, law, nucleus)
+    else:
+        p_rep = (nucleus * repeated).sum(dim=-1, keepdim=True)
+        law = nucleus * (~repeated) + p_rep * full
     if banned is not None:
         law = law.masked_fill(banned, 0.0)
         # Nucleus of banned ids only: the original retries 100 times and
@@ -193,16 +240,21 @@ class CosyVoice2ForCausalLM(nn.Module, SupportsSpeechGeneration, SupportsMultiCo
     supports_multi_codebook: ClassVar[Literal[True]] = True
     # llm.pt only (flow.pt / hift.pt are the API server's decoder)
     allow_patterns_overrides: ClassVar[list[str]] = ["llm.pt"]
+    # What differs between the CosyVoice generations (see cosyvoice3.py).
+    vocab_cls: ClassVar[type[CosyVoice2Vocab]] = CosyVoice2Vocab
+    decoder_bias: ClassVar[bool] = True
+    special_tokens: ClassVar[dict[str, Any]] = COSYVOICE2_SPECIAL_TOKENS
+    speech_tokenizer_name: ClassVar[str] = SPEECH_TOKENIZER_NAME
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
         self.config = config
-        self.vocab = CosyVoice2Vocab(config)
+        self.vocab = self.vocab_cls(config)
         if int(config.vocab_size) != self.vocab.vocab_size:
             raise ValueError(
-                f"CosyVoice2: vocab_size {config.vocab_size} != unified size "
-                f"{self.vocab.vocab_size}"
+                f"{type(self).__name__}: vocab_size {config.vocab_size} != "
+                f"unified size {self.vocab.vocab_size}"
             )
         sampling = dict(getattr(config, "cosyvoice_sampling", {}) or {})
         self.win_size = int(sampling.get("win_size", 10))
@@ -217,7 +269,7 @@ class CosyVoice2ForCausalLM(nn.Module, SupportsSpeechGeneration, SupportsMultiCo
         self.llm_decoder = ParallelLMHead(
             self.vocab.num_speech_rows,
             config.hidden_size,
-            bias=True,
+            bias=self.decoder_bias,
             quant_config=quant_config,
             prefix=maybe_prefix(prefix, "llm_decoder"),
         )
@@ -250,7 +302,7 @@ class CosyVoice2ForCausalLM(nn.Module, SupportsSpeechGeneration, SupportsMultiCo
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_speech_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        """``llm_decoder`` logits [N, S + 3] (speech-token space)."""
+        """``llm_decoder`` logits [N, num_speech_rows] (speech-token space)."""
         return self.logits_processor(
             self.llm_decoder, hidden_states, self.llm_decoder.bias
         )
@@ -272,76 +324,117 @@ class CosyVoice2ForCausalLM(nn.Module, SupportsSpeechGeneration, SupportsMultiCo
         sampling_metadata: SamplingMetadata,
         history: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        v = self.vocab
+        rows = logits.shape[0]
+        logits, banned = self._apply_logitsprocs(logits.float(), sampling_metadata)
+        speech = logits[:, v.speech_offset :]
+        hist = history[..., 0].to(logits.device).long()
+        hist = torch.where(hist >= v.speech_offset, hist - v.speech_offset, -1)
+        ids = self._sample_speech(speech, banned, hist, sampling_metadata)
+        ids = ids.long() + v.speech_offset
+        return ids, ids.new_zeros(rows, 0)
+
+    def _apply_logitsprocs(
+        self, logits: torch.Tensor, md: SamplingMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Apply the per-request logits processors (e.g. logit_bias) except
+        min_tokens, whose stop-id mask [R, num_speech_rows] is returned
+        instead (None when no row is below its minimum length)."""
         from vllm.v1.sample.logits_processor.builtin import (
             MinTokensLogitsProcessor,
         )
 
-        md = sampling_metadata
-        v = self.vocab
-        rows = logits.shape[0]
-        dev = logits.device
-        logits = logits.float()
-        # Other per-request logits processors (e.g. logit_bias) apply as
-        # usual. min_tokens is not applied to the logits: its stop ids are
-        # removed from the RAS law instead (below), which is what the
-        # original's retry-until-not-eos loop samples from. The original
-        # holds back only eos (id S); vLLM's min_tokens also holds back the
-        # other stop ids (S + 1, S + 2), which a trained model never emits.
         banned = None
         for proc in md.logitsprocs.non_argmax_invariant:
             if isinstance(proc, MinTokensLogitsProcessor):
                 if proc.min_toks:
                     mask = torch.zeros_like(logits, dtype=torch.bool)
                     mask.index_put_(
-                        proc.logits_slice, torch.ones((), dtype=torch.bool, device=dev)
+                        proc.logits_slice,
+                        torch.ones((), dtype=torch.bool, device=logits.device),
                     )
-                    banned = mask[:, v.speech_offset :]
+                    banned = mask[:, self.vocab.speech_offset :]
                 continue
             logits = proc.apply(logits)
-        speech = logits[:, v.speech_offset :]
+        return logits, banned
 
+    def _sample_speech(
+        self,
+        speech: torch.Tensor,
+        banned: torch.Tensor | None,
+        hist: torch.Tensor,
+        md: SamplingMetadata,
+    ) -> torch.Tensor:
+        """Speech-token ids [R] from the speech logits. Below the minimum
+        length, the stop ids are removed from the RAS law, which is what the
+        original's retry-until-not-eos loop samples from. The original holds
+        back only eos (id S); vLLM's min_tokens also holds back the other
+        stop ids (S + 1, S + 2), which a trained model never emits."""
+        return self._draw(speech, hist, md, banned=banned)
+
+    def _draw(
+        self,
+        speech: torch.Tensor,
+        hist: torch.Tensor,
+        md: SamplingMetadata,
+        banned: torch.Tensor | None = None,
+        exclude_repeated: bool = False,
+    ) -> torch.Tensor:
+        """Greedy rows take the argmax (banned ids excluded); the others draw
+        from the RAS law at their temperature, top-p and top-k. ``hist``
+        [R, W] holds the recent tokens in speech-token space (-1 = none)."""
+        rows = speech.shape[0]
+        dev = speech.device
         masked = speech if banned is None else speech.masked_fill(banned, float("-inf"))
         if md.temperature is None or md.all_greedy:
-            ids = masked.argmax(dim=-1)
-        else:
-            # No host sync: the greedy/random split comes from the metadata.
-            temperature = md.temperature[:rows].float()
-            greedy = temperature < _SAMPLING_EPS
-            top_p = (
-                md.top_p[:rows].float()
-                if md.top_p is not None
-                else torch.ones(rows, device=dev)
-            )
-            top_k = (
-                md.top_k[:rows].long()
-                if md.top_k is not None
-                else torch.zeros(rows, device=dev, dtype=torch.long)
-            )
-            hist = history[..., 0].to(dev).long()
-            hist = torch.where(hist >= v.speech_offset, hist - v.speech_offset, -1)
-            scaled = speech / torch.where(greedy, 1.0, temperature)[:, None]
-            law = ras_distribution(
-                scaled, hist, top_p, top_k, self.win_size, self.tau_r, banned
-            )
-            ids = sample_from(law, md.generators)
-            if not md.all_random:
-                ids = torch.where(greedy, masked.argmax(dim=-1), ids)
-        ids = ids.long() + v.speech_offset
-        return ids, ids.new_zeros(rows, 0)
+            return masked.argmax(dim=-1)
+        # No host sync: the greedy/random split comes from the metadata.
+        temperature = md.temperature[:rows].float()
+        greedy = temperature < _SAMPLING_EPS
+        top_p = (
+            md.top_p[:rows].float()
+            if md.top_p is not None
+            else torch.ones(rows, device=dev)
+        )
+        top_k = (
+            md.top_k[:rows].long()
+            if md.top_k is not None
+            else torch.zeros(rows, device=dev, dtype=torch.long)
+        )
+        scaled = speech / torch.where(greedy, 1.0, temperature)[:, None]
+        law = ras_distribution(
+            scaled,
+            hist,
+            top_p,
+            top_k,
+            self.win_size,
+            self.tau_r,
+            banned,
+            exclude_repeated=exclude_repeated,
+        )
+        ids = sample_from(law, md.generators)
+        if not md.all_random:
+            ids = torch.where(greedy, masked.argmax(dim=-1), ids)
+        return ids
 
     # ---- weights ---------------------------------------------------------
+    def _embedding_tables(self) -> dict[str, int]:
+        """The ``llm.pt`` tables stacked (in this order) into the unified
+        embedding, with their row counts."""
+        v = self.vocab
+        return {
+            "llm.model.model.embed_tokens.weight": v.text_vocab_size,
+            "llm_embedding.weight": 2,
+            "speech_embedding.weight": v.num_speech_rows,
+        }
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """``llm.pt`` as ``Qwen2LM.state_dict()`` saves it: the text
         ``embed_tokens``, ``llm_embedding`` and ``speech_embedding`` rows are
         stacked into the unified table; the tied ``llm.model.lm_head`` copy
         is unused."""
-        v = self.vocab
         parts: dict[str, torch.Tensor] = {}
-        expected_rows = {
-            "llm.model.model.embed_tokens.weight": v.text_vocab_size,
-            "llm_embedding.weight": 2,
-            "speech_embedding.weight": v.num_speech_rows,
-        }
+        expected_rows = self._embedding_tables()
         loaded: set[str] = set()
         params = dict(self.named_parameters())
 
@@ -356,7 +449,7 @@ class CosyVoice2ForCausalLM(nn.Module, SupportsSpeechGeneration, SupportsMultiCo
                     parts[name] = w
                 elif name.startswith("llm.model.lm_head."):
                     continue
-                elif name.startswith("llm_decoder."):
+                elif name.startswith("llm_decoder.") and name in params:
                     param = params[name]
                     loader = getattr(param, "weight_loader", None)
                     if loader is None:
@@ -376,6 +469,11 @@ class CosyVoice2ForCausalLM(nn.Module, SupportsSpeechGeneration, SupportsMultiCo
                 raise ValueError(f"llm.pt: missing {missing}")
 
         loaded |= {f"model.{n}" for n in self.model.load_weights(backbone())}
+        missing = sorted(
+            n for n in params if n.startswith("llm_decoder.") and n not in loaded
+        )
+        if missing:
+            raise ValueError(f"llm.pt: missing {missing}")
         return loaded
 
     # ---- speech generation glue -----------------------------------------
@@ -388,7 +486,7 @@ class CosyVoice2ForCausalLM(nn.Module, SupportsSpeechGeneration, SupportsMultiCo
         model_dir = model_config.model
         cloning = all(
             os.path.isfile(os.path.join(model_dir, n))
-            for n in (CAMPPLUS_NAME, SPEECH_TOKENIZER_NAME)
+            for n in (CAMPPLUS_NAME, cls.speech_tokenizer_name)
         )
         return TextToSpeechConfig(
             sample_rate=int(getattr(hf, "cosyvoice_sample_rate", 24000)),
@@ -411,8 +509,36 @@ class CosyVoice2ForCausalLM(nn.Module, SupportsSpeechGeneration, SupportsMultiCo
 
     @classmethod
     def _text_ids(cls, model_config: ModelConfig, text: str) -> list[int]:
-        return get_cosyvoice2_tokenizer(_qwen_dir(model_config.model)).encode(
-            text, add_special_tokens=False
+        return cls._tokenizer(model_config).encode(text, add_special_tokens=False)
+
+    @classmethod
+    def _tokenizer(cls, model_config: ModelConfig) -> _CosyVoice2Tokenizer:
+        return get_cosyvoice2_tokenizer(
+            _qwen_dir(model_config.model), _freeze(cls.special_tokens)
+        )
+
+    @classmethod
+    def _instruct_prompt_text(cls, instruct: str) -> str:
+        """The prompt text of instruct2 mode for an instruction."""
+        return instruct + ENDOFPROMPT
+
+    @classmethod
+    def _lm_prompt_text(
+        cls, model_config: ModelConfig, prompt_text_ids: list[int], text_ids: list[int]
+    ) -> list[int]:
+        """The prompt text ids that go before the text (CosyVoice2: as is)."""
+        return prompt_text_ids
+
+    @classmethod
+    def split_speech_text(cls, params: TextToSpeechParams) -> list[str]:
+        """The original frontend's ``text_normalize(text, split=True)``
+        without ttsfrd / wetext (``cosyvoice_frontend.py``): light clean-up,
+        then segments at sentence marks, each its own LM run."""
+        from vllm.model_executor.models.cosyvoice_frontend import split_request_text
+
+        mc = params.model_config
+        return split_request_text(
+            params.text, lambda t: len(cls._text_ids(mc, t)), params.extra
         )
 
     @classmethod
@@ -420,11 +546,12 @@ class CosyVoice2ForCausalLM(nn.Module, SupportsSpeechGeneration, SupportsMultiCo
         from vllm.inputs import TokensPrompt
 
         mc = params.model_config
-        vocab = CosyVoice2Vocab(mc.hf_config)
+        vocab = cls.vocab_cls(mc.hf_config)
         voice, prompt_text_ids, prompt_speech = _resolve_voice(cls, params)
         text_ids = cls._text_ids(mc, params.text)
         if not text_ids:
             raise ValueError("the input text has no tokens")
+        prompt_text_ids = cls._lm_prompt_text(mc, list(prompt_text_ids), text_ids)
         ids = (
             [vocab.sos]
             + list(prompt_text_ids)
@@ -443,7 +570,7 @@ class CosyVoice2ForCausalLM(nn.Module, SupportsSpeechGeneration, SupportsMultiCo
 
         mc = params.model_config
         hf = mc.hf_config
-        vocab = CosyVoice2Vocab(hf)
+        vocab = cls.vocab_cls(hf)
         n_text = len(cls._text_ids(mc, params.text))
         min_len = int(n_text * float(getattr(hf, "cosyvoice_min_token_text_ratio", 2)))
         max_len = int(n_text * float(getattr(hf, "cosyvoice_max_token_text_ratio", 20)))
@@ -465,11 +592,8 @@ class CosyVoice2ForCausalLM(nn.Module, SupportsSpeechGeneration, SupportsMultiCo
     def get_speech_frames(
         cls, output: CompletionOutput, model_config: ModelConfig
     ) -> np.ndarray:
-        vocab = CosyVoice2Vocab(model_config.hf_config)
-        ids = np.asarray(output.token_ids, dtype=np.int64)
-        lo, hi = vocab.speech_offset, vocab.speech_offset + vocab.speech_token_size
-        ids = ids[(ids >= lo) & (ids < hi)] - lo
-        return ids.reshape(-1, 1)
+        vocab = cls.vocab_cls(model_config.hf_config)
+        return vocab.frames(output.token_ids).reshape(-1, 1)
 
     @classmethod
     def get_speech_decoder(
@@ -484,23 +608,41 @@ def _qwen_dir(model_dir: str) -> str:
 
 
 class _CosyVoice2Tokenizer:
-    """The original ``QwenTokenizer`` (CosyVoice2 specials added)."""
+    """The original ``QwenTokenizer`` (the generation's specials added)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, special_tokens: dict[str, Any] | None = None):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.tokenizer.add_special_tokens(COSYVOICE2_SPECIAL_TOKENS)
+        self.tokenizer.add_special_tokens(
+            COSYVOICE2_SPECIAL_TOKENS if special_tokens is None else special_tokens
+        )
         self._lock = threading.Lock()
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         with self._lock:
             return list(self.tokenizer([text])["input_ids"][0])
 
+    def token_id(self, token: str) -> int | None:
+        return self.tokenizer.convert_tokens_to_ids(token)
+
+
+def _freeze(specials: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(
+        (k, tuple(v) if isinstance(v, list) else v) for k, v in specials.items()
+    )
+
 
 @lru_cache(maxsize=8)
-def get_cosyvoice2_tokenizer(path: str) -> _CosyVoice2Tokenizer:
-    return _CosyVoice2Tokenizer(path)
+def get_cosyvoice2_tokenizer(
+    path: str, special_tokens: tuple[tuple[str, Any], ...] | None = None
+) -> _CosyVoice2Tokenizer:
+    specials = (
+        None
+        if special_tokens is None
+        else {k: list(v) if isinstance(v, tuple) else v for k, v in special_tokens}
+    )
+    return _CosyVoice2Tokenizer(path, specials)
 
 
 @lru_cache(maxsize=8)
@@ -555,8 +697,8 @@ def _resolve_voice(
 
     * zero_shot (default with a voice): prompt text + its speech tokens;
     * ``extra_args.mode = "cross_lingual"``: neither (the flow keeps the voice);
-    * ``extra_args.instruct_text`` (instruct2): ``instruct + <|endofprompt|>``
-      as the prompt text, no prompt speech tokens.
+    * ``extra_args.instruct_text`` (instruct2): the instruction as the
+      prompt text (``cls._instruct_prompt_text``), no prompt speech tokens.
     """
     mc = params.model_config
     extra = params.extra or {}
@@ -577,7 +719,12 @@ def _resolve_voice(
         voice, prompt_text, prompt_speech = _spk_voice(mc.model, params.speaker)
     elif voice is not None:
         if voice.ref_text:
-            prompt_text = cls._text_ids(mc, voice.ref_text)
+            from vllm.model_executor.models.cosyvoice_frontend import (
+                normalize_prompt_text,
+            )
+
+            ref_text = normalize_prompt_text(voice.ref_text, extra)
+            prompt_text = cls._text_ids(mc, ref_text)
         prompt_speech = _flat_ints(voice.codes)
     size = int(mc.hf_config.cosyvoice_speech_token_size)
     if any(t < 0 or t >= size for t in prompt_speech):
@@ -587,7 +734,7 @@ def _resolve_voice(
     elif mode == "instruct2":
         if not instruct:
             raise ValueError("mode instruct2 needs extra_args.instruct_text")
-        prompt_text = cls._text_ids(mc, instruct + ENDOFPROMPT)
+        prompt_text = cls._text_ids(mc, cls._instruct_prompt_text(instruct))
         prompt_speech = []
     return voice, prompt_text, prompt_speech
 
@@ -599,14 +746,19 @@ class CosyVoice2SpeechDecoder:
     prompt mel and x-vector; without one the flow gets no prompt and a zero
     speaker embedding."""
 
-    def __init__(self, model_dir: str, device: torch.device):
-        from vllm.model_executor.models.cosyvoice_token2wav import (
-            CosyVoice2Token2Wav,
-        )
+    # reference encoding: the release's speech tokenizer, prompt-mel fmax
+    speech_tokenizer_name = SPEECH_TOKENIZER_NAME
+    mel_fmax: float | None = 8000.0
+
+    def __init__(self, model_dir: str, device: torch.device, token2wav_cls: Any = None):
+        if token2wav_cls is None:
+            from vllm.model_executor.models.cosyvoice_token2wav import (
+                CosyVoice2Token2Wav as token2wav_cls,
+            )
 
         self.model_dir = model_dir
         self.device = torch.device(device)
-        self.t2w = CosyVoice2Token2Wav.from_pretrained(model_dir, device=self.device)
+        self.t2w = token2wav_cls.from_pretrained(model_dir, device=self.device)
         self.sample_rate = self.t2w.sample_rate
         self.samples_per_frame = self.t2w.samples_per_token
         self.spk_embed_dim = int(self.t2w.flow.config.spk_embed_dim)
@@ -682,7 +834,9 @@ class CosyVoice2SpeechDecoder:
         self, audio: np.ndarray, sample_rate: int, ref_text: str
     ) -> VoicePrompt:
         if self._frontend is None:
-            self._frontend = CosyVoice2Frontend(self.model_dir)
+            self._frontend = CosyVoice2Frontend(
+                self.model_dir, self.speech_tokenizer_name, self.mel_fmax
+            )
         return self._frontend.encode(audio, sample_rate, ref_text)
 
 
@@ -715,20 +869,26 @@ class CosyVoice2DecoderStream:
 class CosyVoice2Frontend:
     """Zero-shot reference encoding of the original frontend
     (``frontend_zero_shot``): speech tokens from ``speech_tokenizer_v2.onnx``
-    (whisper log-mel, 128 bins, 16 kHz), the CAM++ x-vector from
-    ``campplus.onnx`` (kaldi fbank, 80 bins, mean-normalised) and the 24 kHz
-    prompt mel of the flow (trimmed to 2 frames per token). Needs
-    ``onnxruntime``."""
+    (``_v3`` for CosyVoice3; whisper log-mel, 128 bins, 16 kHz), the CAM++
+    x-vector from ``campplus.onnx`` (kaldi fbank, 80 bins, mean-normalised)
+    and the 24 kHz prompt mel of the flow (trimmed to 2 frames per token;
+    fmax 8000 for CosyVoice2, none for CosyVoice3). Needs ``onnxruntime``."""
 
-    def __init__(self, model_dir: str):
+    def __init__(
+        self,
+        model_dir: str,
+        speech_tokenizer_name: str = SPEECH_TOKENIZER_NAME,
+        mel_fmax: float | None = 8000.0,
+    ):
         try:
             import onnxruntime
         except ImportError as e:
             raise ValueError(
-                "zero-shot voice cloning with CosyVoice2 needs onnxruntime "
+                "zero-shot voice cloning with CosyVoice needs onnxruntime "
                 "(pip install onnxruntime) to run campplus.onnx and "
-                "speech_tokenizer_v2.onnx"
+                f"{speech_tokenizer_name}"
             ) from e
+        self.mel_fmax = mel_fmax
         opts = onnxruntime.SessionOptions()
         opts.intra_op_num_threads = 1
         self.campplus = onnxruntime.InferenceSession(
@@ -737,7 +897,7 @@ class CosyVoice2Frontend:
             providers=["CPUExecutionProvider"],
         )
         self.tokenizer = onnxruntime.InferenceSession(
-            os.path.join(model_dir, SPEECH_TOKENIZER_NAME),
+            os.path.join(model_dir, speech_tokenizer_name),
             sess_options=opts,
             providers=["CPUExecutionProvider"],
         )
@@ -748,7 +908,7 @@ class CosyVoice2Frontend:
         from vllm.config.text_to_speech import VoicePrompt
 
         if sample_rate != 16000:
-            raise ValueError("CosyVoice2 reference audio must be 16 kHz")
+            raise ValueError("CosyVoice reference audio must be 16 kHz")
         speech = torch.as_tensor(np.asarray(audio, np.float32)).reshape(1, -1)
         if speech.shape[1] > 30 * 16000:
             raise ValueError("reference audio longer than 30 s is not supported")
@@ -780,7 +940,7 @@ class CosyVoice2Frontend:
         )
         # prompt mel at 24 kHz, 2 frames per token
         speech24 = torchaudio.functional.resample(speech, 16000, 24000)
-        mel = matcha_mel(speech24)[0].transpose(0, 1)  # [T, 80]
+        mel = matcha_mel(speech24, fmax=self.mel_fmax)[0].transpose(0, 1)  # [T, 80]
         n = min(mel.shape[0] // 2, len(tokens))
         return VoicePrompt(
             ref_text=ref_text,
@@ -825,9 +985,10 @@ def matcha_mel(
     n_mels: int = 80,
     sr: int = 24000,
     fmin: float = 0.0,
-    fmax: float = 8000.0,
+    fmax: float | None = 8000.0,
 ) -> torch.Tensor:
-    """``matcha.utils.audio.mel_spectrogram`` with CosyVoice2's parameters."""
+    """``matcha.utils.audio.mel_spectrogram`` with CosyVoice2's parameters
+    (``fmax=None``: up to sr / 2, as CosyVoice3's yaml sets it)."""
     mel_basis = slaney_mel_filters(sr, n_fft, n_mels, fmin, fmax)
     pad = (n_fft - hop) // 2
     y = torch.nn.functional.pad(y[:, None], (pad, pad), mode="reflect")[:, 0]

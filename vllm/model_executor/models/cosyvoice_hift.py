@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
+
 from vllm.logger import init_logger
 
 logger = init_logger(__name__)
@@ -96,6 +97,74 @@ def _wn_conv1d(*args, **kwargs) -> nn.Conv1d:
     return weight_norm(nn.Conv1d(*args, **kwargs))
 
 
+class CausalConv1d(nn.Conv1d):
+    """Stride-1 Conv1d zero-padded on one side only (CosyVoice3's causal HiFT).
+
+    ``side="left"``: causal; ``side="right"``: looks ``causal_padding``
+    frames ahead. The pad width is the original's formula (``(k-1)*d`` for
+    the kernels used). ``context`` (exactly ``causal_padding`` frames) takes
+    the place of the zero padding, for streaming look-ahead.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        dilation: int = 1,
+        side: str = "left",
+    ):
+        super().__init__(in_channels, out_channels, kernel_size, dilation=dilation)
+        if side not in ("left", "right"):
+            raise ValueError(f"CausalConv1d: side must be left|right, got {side!r}")
+        self.side = side
+        span = (kernel_size - 1) * dilation
+        self.causal_padding = (span // 2) * 2 + (kernel_size + 1) % 2
+        if self.causal_padding != span:
+            raise ValueError(
+                f"CausalConv1d: kernel {kernel_size} with dilation {dilation} "
+                "does not keep the length (not supported by the original)"
+            )
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if context is None:
+            n = self.causal_padding
+            return super().forward(F.pad(x, (n, 0) if self.side == "left" else (0, n)))
+        if context.shape[-1] != self.causal_padding:
+            raise ValueError(
+                f"CausalConv1d: context must have {self.causal_padding} frames, "
+                f"got {context.shape[-1]}"
+            )
+        parts = [context, x] if self.side == "left" else [x, context]
+        return super().forward(torch.cat(parts, dim=-1))
+
+
+class CausalConv1dDownSample(nn.Conv1d):
+    """Strided Conv1d (kernel 2*stride) left-padded by stride - 1."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__(in_channels, out_channels, 2 * stride, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, (self.stride[0] - 1, 0)))
+
+
+class CausalConv1dUpsample(nn.Conv1d):
+    """Nearest x``rate`` upsampling, then a causal stride-1 conv."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, rate: int
+    ):
+        super().__init__(in_channels, out_channels, kernel_size)
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=float(self.rate), mode="nearest")
+        return super().forward(F.pad(x, (self.kernel_size[0] - 1, 0)))
+
+
 class Snake(nn.Module):
     """x + sin^2(alpha x) / alpha, with a per-channel linear-scale alpha."""
 
@@ -109,12 +178,24 @@ class Snake(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """Dilated residual block with Snake activations (HiFi-GAN/BigVGAN)."""
+    """Dilated residual block with Snake activations (HiFi-GAN/BigVGAN);
+    ``causal=True``: left-padded convs (CosyVoice3)."""
 
-    def __init__(self, channels: int, kernel_size: int, dilations: Sequence[int]):
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int,
+        dilations: Sequence[int],
+        causal: bool = False,
+    ):
         super().__init__()
-        self.convs1 = nn.ModuleList(
-            _wn_conv1d(
+
+        def conv(d: int) -> nn.Conv1d:
+            if causal:
+                return weight_norm(
+                    CausalConv1d(channels, channels, kernel_size, dilation=d)
+                )
+            return _wn_conv1d(
                 channels,
                 channels,
                 kernel_size,
@@ -122,19 +203,9 @@ class ResBlock(nn.Module):
                 dilation=d,
                 padding=(kernel_size * d - d) // 2,
             )
-            for d in dilations
-        )
-        self.convs2 = nn.ModuleList(
-            _wn_conv1d(
-                channels,
-                channels,
-                kernel_size,
-                1,
-                dilation=1,
-                padding=(kernel_size - 1) // 2,
-            )
-            for _ in dilations
-        )
+
+        self.convs1 = nn.ModuleList(conv(d) for d in dilations)
+        self.convs2 = nn.ModuleList(conv(1) for _ in dilations)
         self.activations1 = nn.ModuleList(Snake(channels) for _ in dilations)
         self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
 
@@ -177,7 +248,9 @@ class SineGen(nn.Module):
 
     (The original's ``SineGen2``, used for every sampling rate but 22050.)
     The phase increments are averaged down to the frame rate (linear
-    interpolation by 1/upsample), integrated there, and interpolated back up.
+    interpolation by 1/upsample), integrated there, and interpolated back up
+    (linearly; ``causal=True``, the CosyVoice3 variant: nearest, so that a
+    sample never depends on the next frame).
     """
 
     def __init__(
@@ -188,6 +261,7 @@ class SineGen(nn.Module):
         sine_amp: float,
         noise_std: float,
         voiced_threshold: float,
+        causal: bool = False,
     ):
         super().__init__()
         self.sampling_rate = sampling_rate
@@ -196,6 +270,7 @@ class SineGen(nn.Module):
         self.sine_amp = sine_amp
         self.noise_std = noise_std
         self.voiced_threshold = voiced_threshold
+        self.phase_upsample_mode = "nearest" if causal else "linear"
 
     def forward(
         self,
@@ -233,7 +308,7 @@ class SineGen(nn.Module):
         phase = F.interpolate(
             phase * self.upsample_scale,
             scale_factor=float(self.upsample_scale),
-            mode="linear",
+            mode=self.phase_upsample_mode,
         ).transpose(1, 2)
         sines = torch.sin(phase) * self.sine_amp
         uv = (f0 > self.voiced_threshold).to(f0.dtype)
@@ -263,6 +338,7 @@ class SourceModuleHnNSF(nn.Module):
         sine_amp: float,
         add_noise_std: float,
         voiced_threshold: float,
+        causal: bool = False,
     ):
         super().__init__()
         self.l_sin_gen = SineGen(
@@ -272,6 +348,7 @@ class SourceModuleHnNSF(nn.Module):
             sine_amp,
             add_noise_std,
             voiced_threshold,
+            causal=causal,
         )
         self.l_linear = nn.Linear(harmonic_num + 1, 1)
 
@@ -295,6 +372,8 @@ class SourceModuleHnNSF(nn.Module):
 
 class HiFTGenerator(nn.Module):
     """CosyVoice2 HiFT vocoder: mel [B, 80, T] -> waveform [B, T * 480]."""
+
+    causal: bool = False  # CausalHiFTGenerator: True
 
     def __init__(self, config: HiFTConfig | None = None):
         super().__init__()
@@ -332,17 +411,12 @@ class HiFTGenerator(nn.Module):
             sine_amp=cfg.nsf_alpha,
             add_noise_std=cfg.nsf_sigma,
             voiced_threshold=cfg.nsf_voiced_threshold,
+            causal=self.causal,
         )
-        self.conv_pre = _wn_conv1d(cfg.in_channels, base, 7, 1, padding=3)
+        self.conv_pre = self._make_conv_pre(cfg.in_channels, base)
         self.ups = nn.ModuleList()
         for i, (u, k) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes)):
-            self.ups.append(
-                weight_norm(
-                    nn.ConvTranspose1d(
-                        base // 2**i, base // 2 ** (i + 1), k, u, padding=(k - u) // 2
-                    )
-                )
-            )
+            self.ups.append(self._make_up(base // 2**i, base // 2 ** (i + 1), k, u))
 
         # The excitation's STFT is brought to each stage's frame rate.
         n_stft = self.n_fft + 2
@@ -358,27 +432,43 @@ class HiFTGenerator(nn.Module):
             )
         ):
             ch = base // 2 ** (i + 1)
-            if u == 1:
-                self.source_downs.append(nn.Conv1d(n_stft, ch, 1, 1))
-            else:
-                self.source_downs.append(
-                    nn.Conv1d(n_stft, ch, u * 2, u, padding=u // 2)
-                )
-            self.source_resblocks.append(ResBlock(ch, k, d))
+            self.source_downs.append(self._make_source_down(n_stft, ch, u))
+            self.source_resblocks.append(ResBlock(ch, k, d, causal=self.causal))
 
         self.resblocks = nn.ModuleList()
         for i in range(self.num_upsamples):
             ch = base // 2 ** (i + 1)
             for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes):
-                self.resblocks.append(ResBlock(ch, k, d))
-        self.conv_post = _wn_conv1d(ch, n_stft, 7, 1, padding=3)
-        self.f0_predictor = ConvRNNF0Predictor(
-            cfg.f0_num_class, cfg.f0_in_channels, cfg.f0_cond_channels
-        )
+                self.resblocks.append(ResBlock(ch, k, d, causal=self.causal))
+        self.conv_post = self._make_conv_post(ch, n_stft)
+        self.f0_predictor = self._make_f0_predictor(cfg)
         self.register_buffer(
             "stft_window",
             torch.hann_window(self.n_fft, periodic=True, dtype=torch.float64).float(),
             persistent=False,
+        )
+
+    # Layer factories: the causal generator (CosyVoice3) overrides them; the
+    # parameter names and shapes stay those of the original either way.
+    def _make_conv_pre(self, cin: int, cout: int) -> nn.Module:
+        return _wn_conv1d(cin, cout, 7, 1, padding=3)
+
+    def _make_up(self, cin: int, cout: int, kernel: int, rate: int) -> nn.Module:
+        return weight_norm(
+            nn.ConvTranspose1d(cin, cout, kernel, rate, padding=(kernel - rate) // 2)
+        )
+
+    def _make_source_down(self, cin: int, cout: int, rate: int) -> nn.Module:
+        if rate == 1:
+            return nn.Conv1d(cin, cout, 1, 1)
+        return nn.Conv1d(cin, cout, rate * 2, rate, padding=rate // 2)
+
+    def _make_conv_post(self, cin: int, cout: int) -> nn.Module:
+        return _wn_conv1d(cin, cout, 7, 1, padding=3)
+
+    def _make_f0_predictor(self, cfg: HiFTConfig) -> nn.Module:
+        return ConvRNNF0Predictor(
+            cfg.f0_num_class, cfg.f0_in_channels, cfg.f0_cond_channels
         )
 
     # ------------------------------------------------------------------
@@ -419,7 +509,10 @@ class HiFTGenerator(nn.Module):
     def decode(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """mel [B, C, T], source [B, 1, T * upsample] -> waveform [B, L]."""
         s_stft = self._stft(source.squeeze(1))
-        x = self.conv_pre(mel)
+        return self._decode_stages(self.conv_pre(mel), s_stft)
+
+    def _decode_stages(self, x: torch.Tensor, s_stft: torch.Tensor) -> torch.Tensor:
+        """conv_pre output + excitation STFT -> clamped waveform."""
         for i in range(self.num_upsamples):
             x = F.leaky_relu(x, self.lrelu_slope)
             x = self.ups[i](x)
@@ -535,6 +628,261 @@ def load_hift(
 ) -> HiFTGenerator:
     """Build a :class:`HiFTGenerator` from an original ``hift.pt`` dict."""
     model = HiFTGenerator(config)
+    load_strict(model, _strip_prefix(state_dict, "generator."), "hift.pt")
+    model.eval()
+    if fold_weight_norm:
+        model.fold_weight_norm()
+    return model
+
+
+# ------------------------------------------------------- CosyVoice3 HiFT --
+@dataclass
+class CausalHiFTConfig(HiFTConfig):
+    """``hift`` section of ``cosyvoice3.yaml`` (``CausalHiFTGenerator``)."""
+
+    conv_pre_look_right: int = 4
+
+
+class CausalConvRNNF0Predictor(nn.Module):
+    """CosyVoice3's F0 predictor: like :class:`ConvRNNF0Predictor`, but the
+    first conv (k=4) looks 3 frames ahead and the other four are causal."""
+
+    def __init__(
+        self, num_class: int = 1, in_channels: int = 80, cond_channels: int = 512
+    ):
+        super().__init__()
+        layers: list[nn.Module] = [
+            weight_norm(CausalConv1d(in_channels, cond_channels, 4, side="right")),
+            nn.ELU(),
+        ]
+        for _ in range(4):
+            layers += [
+                weight_norm(CausalConv1d(cond_channels, cond_channels, 3)),
+                nn.ELU(),
+            ]
+        self.condnet = nn.Sequential(*layers)
+        self.classifier = nn.Linear(cond_channels, num_class)
+
+    @property
+    def look_ahead(self) -> int:
+        """Mel frames the first conv looks ahead (3)."""
+        return self.condnet[0].causal_padding
+
+    @staticmethod
+    def init_shapes(
+        num_class: int, in_channels: int, cond_channels: int
+    ) -> list[tuple[int, ...]]:
+        """Shapes of the tensors that the original's constructor draws
+        (conv/linear default init: weight then bias, in layer order)."""
+        shapes: list[tuple[int, ...]] = [
+            (cond_channels, in_channels, 4),
+            (cond_channels,),
+        ]
+        shapes += [(cond_channels, cond_channels, 3), (cond_channels,)] * 4
+        return shapes + [(num_class, cond_channels), (num_class,)]
+
+    def forward(self, mel: torch.Tensor, finalize: bool = True) -> torch.Tensor:
+        """mel [B, C, T] -> |f0| [B, T] (``finalize=False``: the last
+        ``look_ahead`` frames are context only: [B, T - look_ahead])."""
+        first = self.condnet[0]
+        if finalize:
+            h = first(mel)
+        else:
+            p = first.causal_padding
+            h = first(mel[:, :, :-p], mel[:, :, -p:])
+        for layer in list(self.condnet)[1:]:
+            h = layer(h)
+        return self.classifier(h.transpose(1, 2)).squeeze(-1).abs()
+
+
+# The original draws the causal excitation's noise once, at construction:
+# uniform [1, 300 s * 24000, harmonics + 1] (and a per-harmonic phase).
+SINE_NOISE_SAMPLES = 300 * 24000
+_SINE_NOISE_BLOCK = 30 * 24000
+
+
+class CausalHiFTGenerator(HiFTGenerator):
+    """CosyVoice3 causal HiFT: mel [B, 80, T] -> waveform [B, T * 480].
+
+    Every conv is causal except two look-aheads: the F0 predictor's first
+    conv (3 frames) and ``conv_pre`` (``conv_pre_look_right`` = 4 frames).
+    With ``finalize=False`` (streaming) those 7 trailing frames are context
+    only and one more frame is held back (its samples still depend on the
+    iSTFT overlap), so the output covers ``T - 8`` frames. The F0 predictor
+    runs in float64, as the original (its precision matters here).
+
+    The excitation is deterministic: the original draws its initial phases
+    and its (uniform) noise once, from the global RNG, when it is built. We
+    reproduce those draws from ``noise_rng``, the RNG state right before the
+    original builds the F0 predictor; ``None`` means as in a release load
+    (``CosyVoice3``: the flow, built first, seeds 0; see
+    ``cosyvoice3_flow.release_rng_after_flow``).
+    """
+
+    causal = True
+    config: CausalHiFTConfig
+
+    def __init__(
+        self,
+        config: CausalHiFTConfig | None = None,
+        noise_rng: torch.Generator | None = None,
+    ):
+        cfg = config or CausalHiFTConfig()
+        if not isinstance(cfg, CausalHiFTConfig):
+            raise TypeError("CausalHiFTGenerator needs a CausalHiFTConfig")
+        super().__init__(cfg)
+        self.conv_pre_look_right = cfg.conv_pre_look_right
+        self._init_fixed_noise(noise_rng)
+
+    # causal layers (same parameter names and shapes as the original)
+    def _make_conv_pre(self, cin: int, cout: int) -> nn.Module:
+        k = self.config.conv_pre_look_right + 1
+        return weight_norm(CausalConv1d(cin, cout, k, side="right"))
+
+    def _make_up(self, cin: int, cout: int, kernel: int, rate: int) -> nn.Module:
+        return weight_norm(CausalConv1dUpsample(cin, cout, kernel, rate))
+
+    def _make_source_down(self, cin: int, cout: int, rate: int) -> nn.Module:
+        if rate == 1:
+            return CausalConv1d(cin, cout, 1)
+        return CausalConv1dDownSample(cin, cout, rate)
+
+    def _make_conv_post(self, cin: int, cout: int) -> nn.Module:
+        return weight_norm(CausalConv1d(cin, cout, 7))
+
+    def _make_f0_predictor(self, cfg: HiFTConfig) -> nn.Module:
+        return CausalConvRNNF0Predictor(
+            cfg.f0_num_class, cfg.f0_in_channels, cfg.f0_cond_channels
+        )
+
+    # ------------------------------------------------------------------
+    @property
+    def look_ahead(self) -> int:
+        """Trailing mel frames used as context only when not finalizing."""
+        return self.f0_predictor.look_ahead + self.conv_pre_look_right
+
+    def _init_fixed_noise(self, rng: torch.Generator | None) -> None:
+        if rng is None:
+            from vllm.model_executor.models.cosyvoice3_flow import (
+                CosyVoice3FlowConfig,
+                release_rng_after_flow,
+            )
+
+            rng = release_rng_after_flow(CosyVoice3FlowConfig())
+        cfg = self.config
+        # The original builds the F0 predictor (its default init draws),
+        # then the sine generator: phases, then the noise.
+        for shape in CausalConvRNNF0Predictor.init_shapes(
+            cfg.f0_num_class, cfg.f0_in_channels, cfg.f0_cond_channels
+        ):
+            torch.empty(shape).uniform_(generator=rng)
+        dim = cfg.nb_harmonics + 1
+        rand_ini = torch.rand(1, dim, generator=rng)
+        rand_ini[:, 0] = 0
+        self.register_buffer("rand_ini", rand_ini, persistent=False)
+        self._noise_state = rng.get_state()
+        self._noise_dim = dim
+        self._noise_cpu: torch.Tensor | None = None
+        self._noise_dev: torch.Tensor | None = None
+
+    def fixed_noise(self, samples: int, device: torch.device) -> torch.Tensor:
+        """The original's fixed excitation noise, [1, samples, harmonics+1].
+
+        Drawn lazily (CPU, in growing blocks; a prefix of the draw equals a
+        shorter draw) and cached, on CPU and on the last device used.
+        """
+        if samples > SINE_NOISE_SAMPLES:
+            raise ValueError(
+                f"HiFT: {samples} samples exceed the original's fixed noise "
+                f"({SINE_NOISE_SAMPLES} samples = 300 s); split the input"
+            )
+        have = 0 if self._noise_cpu is None else self._noise_cpu.shape[1]
+        if have < samples:
+            n = min(SINE_NOISE_SAMPLES, max(samples, 2 * have, _SINE_NOISE_BLOCK))
+            g = torch.Generator()
+            g.set_state(self._noise_state)
+            self._noise_cpu = torch.rand(1, n, self._noise_dim, generator=g)
+            self._noise_dev = None
+        assert self._noise_cpu is not None
+        if device.type == "cpu":
+            return self._noise_cpu[:, :samples]
+        if self._noise_dev is None or self._noise_dev.device != device:
+            self._noise_dev = self._noise_cpu.to(device)
+        return self._noise_dev[:, :samples]
+
+    def fold_weight_norm(self) -> None:
+        # the F0 predictor runs in float64: fold its weights in float64
+        self.f0_predictor.to(torch.float64)
+        super().fold_weight_norm()
+
+    def source(  # type: ignore[override]
+        self, mel: torch.Tensor, finalize: bool = True
+    ) -> torch.Tensor:
+        """The NSF excitation [B, 1, T' * upsample] for mel [B, C, T]
+        (T' = T, or T - 3 without ``finalize``)."""
+        if self.f0_predictor.classifier.weight.dtype != torch.float64:
+            self.f0_predictor.to(torch.float64)
+        f0 = self.f0_predictor(mel.double(), finalize=finalize).to(mel.dtype)
+        f0 = F.interpolate(
+            f0[:, None], scale_factor=float(self.upsample_factor), mode="nearest"
+        ).transpose(1, 2)
+        b, n, _ = f0.shape
+        noise = self.fixed_noise(n, mel.device).to(mel.dtype).expand(b, -1, -1)
+        phase = self.rand_ini.to(mel.dtype).expand(b, -1)
+        return self.m_source(f0, phase_init=phase, noise=noise).transpose(1, 2)
+
+    def decode(  # type: ignore[override]
+        self, mel: torch.Tensor, source: torch.Tensor, finalize: bool = True
+    ) -> torch.Tensor:
+        """mel [B, C, T], source [B, 1, T * upsample] -> waveform; without
+        ``finalize`` the last ``conv_pre_look_right`` frames are context and
+        one more frame is cut: [B, (T - look_right - 1) * upsample]."""
+        s_stft = self._stft(source.squeeze(1))
+        if finalize:
+            x = self.conv_pre(mel)
+        else:
+            r = self.conv_pre_look_right
+            x = self.conv_pre(mel[:, :, :-r], mel[:, :, -r:])
+            s_stft = s_stft[:, :, : -math.prod(self.config.upsample_rates) * r]
+        wav = self._decode_stages(x, s_stft)
+        if not finalize:
+            wav = wav[:, : -self.upsample_factor]
+        return wav
+
+    @torch.inference_mode()
+    def forward(  # type: ignore[override]
+        self, mel: torch.Tensor, finalize: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vocode ``mel`` [B, 80, T] -> (waveform, excitation).
+
+        ``finalize=True``: T * 480 samples. ``finalize=False`` (a streaming
+        chunk of the original): the last 7 frames are look-ahead context and
+        the output has (T - 8) * 480 samples.
+        """
+        if mel.dim() != 3:
+            raise ValueError(f"HiFT: mel must be [B, C, T], got {tuple(mel.shape)}")
+        p = self.f0_predictor.look_ahead
+        if not finalize and mel.shape[2] < self.look_ahead + 1:
+            raise ValueError(
+                f"HiFT: a non-final chunk needs at least {self.look_ahead + 1} "
+                f"mel frames, got {mel.shape[2]}"
+            )
+        s = self.source(mel, finalize)
+        wav = self.decode(mel if finalize else mel[:, :, :-p], s, finalize)
+        return wav, s
+
+    inference = forward
+
+
+def load_causal_hift(
+    state_dict: Mapping[str, torch.Tensor],
+    config: CausalHiFTConfig | None = None,
+    noise_rng: torch.Generator | None = None,
+    fold_weight_norm: bool = True,
+) -> CausalHiFTGenerator:
+    """Build a :class:`CausalHiFTGenerator` from an original CosyVoice3
+    ``hift.pt`` state dict (``noise_rng``: see the class)."""
+    model = CausalHiFTGenerator(config, noise_rng)
     load_strict(model, _strip_prefix(state_dict, "generator."), "hift.pt")
     model.eval()
     if fold_weight_norm:

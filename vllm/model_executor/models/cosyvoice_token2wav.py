@@ -1,11 +1,17 @@
 # SPDX-License-Identifier: Apache-2.0
-"""CosyVoice2 token2wav: speech tokens -> 24 kHz waveform (flow + HiFT).
+"""CosyVoice2/3 token2wav: speech tokens -> 24 kHz waveform (flow + HiFT).
 
 Loads a CosyVoice2 release directory as released (``cosyvoice2.yaml``,
 ``flow.pt``, ``hift.pt``) and reproduces the original ``CosyVoice2Model``
 token2wav, offline and streaming (token hop 25 with the prompt padded to a
 multiple of it, ``pre_lookahead_len`` look-ahead tokens, an 8-frame mel /
 3840-sample source cache and a Hamming cross-fade between chunks).
+
+:class:`CosyVoice3Token2Wav` does the same for a CosyVoice3 release
+(``cosyvoice3.yaml``: DiT flow, causal HiFT) as ``CosyVoice3Model``: each
+streaming chunk re-renders the whole mel accumulated so far with the causal
+vocoder and returns only the samples not returned before (no cross-fade),
+and the token hop grows 25 -> 50 -> 100 within a session.
 
 Plain torch, no engine dependency: meant to run in the API server process.
 The yaml is read without executing any of its tags (``!new:``, ``!name:``,
@@ -26,16 +32,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
-from vllm.logger import init_logger
 
+from vllm.logger import init_logger
+from vllm.model_executor.models.cosyvoice3_flow import (
+    CausalMaskedDiffWithDiT,
+    CosyVoice3FlowConfig,
+    load_flow3,
+    release_rng_after_flow,
+)
 from vllm.model_executor.models.cosyvoice_flow import (
     CausalMaskedDiffWithXvec,
     CosyVoiceFlowConfig,
     load_flow,
 )
 from vllm.model_executor.models.cosyvoice_hift import (
+    CausalHiFTConfig,
+    CausalHiFTGenerator,
     HiFTConfig,
     HiFTGenerator,
+    load_causal_hift,
     load_hift,
 )
 
@@ -178,8 +193,8 @@ class CosyVoice2Token2Wav(nn.Module):
         release defaults when the yaml is absent)."""
         if os.path.exists(os.path.join(model_dir, "cosyvoice3.yaml")):
             raise ValueError(
-                f"{model_dir}: CosyVoice3 (DiT flow, causal HiFT) is not "
-                "supported by CosyVoice2Token2Wav"
+                f"{model_dir}: a CosyVoice3 release (DiT flow, causal HiFT); "
+                "load it with CosyVoice3Token2Wav"
             )
         ypath = os.path.join(model_dir, "cosyvoice2.yaml")
         conf: dict[str, Any] = {}
@@ -378,6 +393,289 @@ class Token2WavStream:
                 self.token_offset += hop
             # Same stop test as the original's loop once the LLM has ended
             # (it uses the hop of the iteration that just ran).
+            if final and len(self.tokens) - self.token_offset < hop + look:
+                break
+            if not final and not ready:
+                break
+        if final:
+            out.append(self._decode(len(self.tokens), finalize=True))
+            self.finished = True
+        return out
+
+    def finish(self) -> list[torch.Tensor]:
+        return self.push((), final=True)
+
+
+# ------------------------------------------------------------ CosyVoice3 --
+def _section_class(path: str, key: str) -> str | None:
+    """The ``!new:`` class of a top-level yaml section (read as text)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    m = re.search(rf"^{key}:\s*!new:([\w.]+)", text, flags=re.MULTILINE)
+    return m.group(1).rsplit(".", 1)[-1] if m else None
+
+
+def _load_state(model_dir: str, name: str) -> Mapping[str, torch.Tensor]:
+    path = os.path.join(model_dir, name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{model_dir}: {name} not found")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@dataclass
+class MelCache:
+    """CosyVoice3 streaming state: the mel so far, samples already out."""
+
+    mel: torch.Tensor  # [1, 80, T]
+    speech_offset: int = 0
+
+
+class CosyVoice3Token2Wav(nn.Module):
+    """Speech tokens (25 Hz) -> waveform (24 kHz) with CosyVoice3's DiT flow
+    and causal HiFT, offline (:meth:`synthesize`) or streaming
+    (:meth:`stream`). Same public interface as :class:`CosyVoice2Token2Wav`;
+    the causal HiFT draws no random numbers (its noise is fixed), so the
+    ``generator`` arguments are accepted and unused."""
+
+    def __init__(
+        self,
+        flow: CausalMaskedDiffWithDiT,
+        hift: CausalHiFTGenerator,
+        sample_rate: int | None = None,
+        token_hop_len: int = 25,
+        token_max_hop_len: int = 100,
+        stream_scale_factor: int = 2,
+    ):
+        super().__init__()
+        if stream_scale_factor < 1:
+            raise ValueError("stream_scale_factor must be >= 1")
+        self.flow = flow
+        self.hift = hift
+        self.sample_rate = int(sample_rate or hift.sampling_rate)
+        self.token_rate = flow.token_rate  # 25 Hz
+        self.mel_rate = flow.mel_rate  # 50 Hz
+        self.token_mel_ratio = flow.token_mel_ratio
+        self.samples_per_mel = hift.upsample_factor  # 480
+        self.samples_per_token = self.samples_per_mel * self.token_mel_ratio
+        self.pre_lookahead_len = flow.pre_lookahead_len
+        # CosyVoice3Model: the hop must match the flow's training chunk (25
+        # tokens = static_chunk_size 50 mel frames) and then grows by
+        # stream_scale_factor per chunk up to token_max_hop_len.
+        self.token_hop_len = token_hop_len
+        self.token_max_hop_len = token_max_hop_len
+        self.stream_scale_factor = stream_scale_factor
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir: str, device: str | torch.device = "cpu", **kwargs: Any
+    ) -> "CosyVoice3Token2Wav":
+        """Load ``flow.pt`` + ``hift.pt`` with the dims of
+        ``cosyvoice3.yaml`` (release defaults when the yaml is absent)."""
+        ypath = os.path.join(model_dir, "cosyvoice3.yaml")
+        conf: dict[str, Any] = {}
+        if os.path.exists(ypath):
+            for key, want in (
+                ("flow", "CausalMaskedDiffWithDiT"),
+                ("hift", "CausalHiFTGenerator"),
+            ):
+                got = _section_class(ypath, key)
+                if got is not None and got != want:
+                    raise ValueError(
+                        f"{ypath}: {key} is {got}; CosyVoice3Token2Wav "
+                        f"implements {want}"
+                    )
+            conf = load_cosyvoice_yaml(ypath)
+        elif os.path.exists(os.path.join(model_dir, "cosyvoice2.yaml")):
+            raise ValueError(
+                f"{model_dir}: a CosyVoice2 release; load it with CosyVoice2Token2Wav"
+            )
+        else:
+            logger.warning("%s not found; using Fun-CosyVoice3-0.5B dims", ypath)
+        flow_cfg = (
+            CosyVoice3FlowConfig.from_dict(conf["flow"])
+            if "flow" in conf
+            else CosyVoice3FlowConfig()
+        )
+        hift_cfg = (
+            CausalHiFTConfig.from_dict(conf["hift"])
+            if "hift" in conf
+            else CausalHiFTConfig()
+        )
+        flow = load_flow3(_load_state(model_dir, "flow.pt"), flow_cfg)
+        # The original builds the HiFT right after the flow: its fixed
+        # excitation noise continues the flow's RNG stream.
+        hift = load_causal_hift(
+            _load_state(model_dir, "hift.pt"),
+            hift_cfg,
+            noise_rng=release_rng_after_flow(flow_cfg),
+        )
+        model = cls(flow, hift, sample_rate=conf.get("sample_rate"), **kwargs)
+        return model.to(device).eval()
+
+    # ------------------------------------------------------------------
+    @torch.inference_mode()
+    def token2wav(
+        self,
+        token: torch.Tensor,
+        prompt_token: torch.Tensor,
+        prompt_feat: torch.Tensor,
+        embedding: torch.Tensor,
+        token_offset: int = 0,
+        cache: MelCache | None = None,
+        stream: bool = False,
+        finalize: bool = True,
+        speed: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, MelCache]:
+        """One call of the original ``CosyVoice3Model.token2wav``.
+
+        ``token`` [1, N] holds every generated token so far; mel is made for
+        tokens from ``token_offset`` on and appended to ``cache.mel``; the
+        whole mel is vocoded (``finalize=False``: the last 8 frames are held
+        back) and only the samples past ``cache.speech_offset`` are
+        returned. Returns (speech [1, n], updated cache).
+        """
+        del generator  # the causal HiFT is deterministic
+        if speed <= 0:
+            raise ValueError(f"speed must be > 0, got {speed}")
+        if speed != 1.0 and (token_offset != 0 or not finalize or cache is not None):
+            raise ValueError("speed change is only supported offline")
+        mel = self.flow(
+            token,
+            prompt_token,
+            prompt_feat,
+            embedding,
+            streaming=stream,
+            finalize=finalize,
+        )
+        mel = mel[:, :, token_offset * self.token_mel_ratio :]
+        if cache is None:
+            cache = MelCache(mel)
+        else:
+            mel = torch.cat([cache.mel.to(mel), mel], dim=2)
+            cache.mel = mel
+        if mel.shape[2] == 0:  # no tokens at all
+            return mel.new_zeros(1, 0), cache
+        if speed != 1.0:
+            mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
+        speech, _ = self.hift(mel, finalize=finalize)
+        speech = speech[:, cache.speech_offset :]
+        cache.speech_offset += speech.shape[1]
+        return speech, cache
+
+    def synthesize(
+        self,
+        token: torch.Tensor,
+        prompt_token: torch.Tensor,
+        prompt_feat: torch.Tensor,
+        embedding: torch.Tensor,
+        speed: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Offline: all tokens at once -> waveform [1, n]."""
+        speech, _ = self.token2wav(
+            token, prompt_token, prompt_feat, embedding, speed=speed
+        )
+        return speech
+
+    @torch.inference_mode()
+    def synthesize_batch(
+        self,
+        tokens: list[torch.Tensor],
+        prompt_tokens: list[torch.Tensor],
+        prompt_feats: list[torch.Tensor],
+        embeddings: torch.Tensor,
+        generators: list[torch.Generator | None] | None = None,
+    ) -> list[torch.Tensor]:
+        """Offline for several utterances: one batched flow pass, then the
+        vocoder per utterance. Each result equals :meth:`synthesize` on that
+        utterance (up to float rounding)."""
+        mels = self.flow.forward_batch(tokens, prompt_tokens, prompt_feats, embeddings)
+        return [self.hift(mel[None], finalize=True)[0] for mel in mels]
+
+    def stream(
+        self,
+        prompt_token: torch.Tensor,
+        prompt_feat: torch.Tensor,
+        embedding: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> "CosyVoice3Token2WavStream":
+        """A streaming session; feed tokens with ``push``."""
+        return CosyVoice3Token2WavStream(self, prompt_token, prompt_feat, embedding)
+
+
+class CosyVoice3Token2WavStream:
+    """Chunked token2wav session, as ``CosyVoice3Model.tts(stream=True)``
+    (the loop of ``CosyVoice2Model.tts``).
+
+    A chunk is decoded once ``hop`` tokens past the offset plus the
+    look-ahead are there; the first hop is ``token_hop_len`` plus the
+    padding that aligns the prompt to a multiple of it, and after each
+    chunk the hop grows ``x stream_scale_factor`` up to
+    ``token_max_hop_len``. (The original keeps that growth on the model
+    object, so only its first session starts from 25; here every session
+    does.) ``push(tokens)`` returns the audio chunks that became ready,
+    ``push([], final=True)`` / ``finish()`` the rest; the chunks
+    concatenate to the utterance.
+    """
+
+    def __init__(
+        self,
+        model: CosyVoice3Token2Wav,
+        prompt_token: torch.Tensor,
+        prompt_feat: torch.Tensor,
+        embedding: torch.Tensor,
+    ):
+        self.model = model
+        self.prompt_token = prompt_token
+        self.prompt_feat = prompt_feat
+        self.embedding = embedding
+        self.tokens: list[int] = []
+        self.token_offset = 0
+        self.hop_len = model.token_hop_len
+        self.cache: MelCache | None = None
+        self.finished = False
+        p = prompt_token.shape[1]
+        hop = model.token_hop_len
+        self.prompt_token_pad = math.ceil(p / hop) * hop - p
+
+    def _hop(self) -> int:
+        if self.token_offset == 0:
+            return self.hop_len + self.prompt_token_pad
+        return self.hop_len
+
+    def _decode(self, n: int, finalize: bool) -> torch.Tensor:
+        token = torch.tensor([self.tokens[:n]], dtype=torch.int32)
+        speech, self.cache = self.model.token2wav(
+            token,
+            self.prompt_token,
+            self.prompt_feat,
+            self.embedding,
+            token_offset=self.token_offset,
+            cache=self.cache,
+            stream=not finalize,
+            finalize=finalize,
+        )
+        return speech
+
+    def push(self, tokens: Any = (), final: bool = False) -> list[torch.Tensor]:
+        if self.finished:
+            raise RuntimeError("stream already finished")
+        self.tokens.extend(int(t) for t in tokens)
+        look = self.model.pre_lookahead_len
+        out: list[torch.Tensor] = []
+        while True:
+            hop = self._hop()
+            ready = len(self.tokens) - self.token_offset >= hop + look
+            if ready:
+                out.append(self._decode(self.token_offset + hop + look, finalize=False))
+                self.token_offset += hop
+                self.hop_len = min(
+                    self.model.token_max_hop_len,
+                    self.hop_len * self.model.stream_scale_factor,
+                )
+            # The original's stop test once the LLM has ended (with the hop
+            # of the iteration that just ran).
             if final and len(self.tokens) - self.token_offset < hop + look:
                 break
             if not final and not ready:
