@@ -10,10 +10,12 @@
     outs[0].audio, outs[0].sample_rate
 
 All texts of one call are generated as one batch by the engine; the decoder
-runs in this process.
+runs in this process. A model may speak a text as several segments
+(``split_speech_text``, e.g. CosyVoice's sentence splitting): each is its own
+engine request in that batch, and the text's audio is their concatenation.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,6 +25,7 @@ import torch
 from vllm.config.text_to_speech import TextToSpeechParams, VoicePrompt
 from vllm.entrypoints.text_to_speech.audio import change_tempo, load_reference_audio
 from vllm.entrypoints.text_to_speech.protocol import SPEED_MAX, SPEED_MIN
+from vllm.entrypoints.text_to_speech.segments import split_speech_request
 from vllm.model_executor.models.interfaces import (
     SupportsSpeechGeneration,
     supports_speech_generation,
@@ -36,7 +39,11 @@ class SpeechOutput:
     """float32 mono waveform."""
     sample_rate: int
     frames: np.ndarray
-    """The generated frames the audio was decoded from."""
+    """The generated frames the audio was decoded from (of all segments,
+    in order)."""
+    segments: list[str] = field(default_factory=list)
+    """The texts spoken one after another (the model's ``split_speech_text``;
+    one for models that do not split)."""
 
 
 class SpeechSynthesizer:
@@ -111,7 +118,8 @@ class SpeechSynthesizer:
         if unknown:
             raise TypeError(f"unknown sampling options: {sorted(unknown)}")
         prompts, params_list, requests = [], [], []
-        for text in texts:
+        owners: list[int] = []  # text index of each segment
+        for index, text in enumerate(texts):
             if not text or not text.strip():
                 raise ValueError("texts must not be empty")
             if len(text) > self.config.max_input_chars:
@@ -123,9 +131,12 @@ class SpeechSynthesizer:
             kwargs = dict(self.config.default_sampling)
             kwargs.update({k: v for k, v in sampling.items() if v is not None})
             kwargs["max_tokens"] = max_new_tokens or self.config.default_max_new_tokens
-            prompts.append(self.model_cls.get_speech_generation_prompt(params))
-            params_list.append(self.model_cls.get_speech_sampling_params(params, kwargs))
-            requests.append(params)
+            for seg in split_speech_request(self.model_cls, params):
+                prompts.append(self.model_cls.get_speech_generation_prompt(seg))
+                params_list.append(
+                    self.model_cls.get_speech_sampling_params(seg, dict(kwargs)))
+                requests.append(seg)
+                owners.append(index)
         outputs = self.llm.generate(prompts, params_list, use_tqdm=use_tqdm)
         frames = [self.model_cls.get_speech_frames(o.outputs[0], self.model_config)
                   for o in outputs]
@@ -135,10 +146,17 @@ class SpeechSynthesizer:
             # whose prompt conditions the decoder too).
             voices = [p.voice for p, f in zip(requests, frames) if len(f)]
             decoded = iter(self.decoder.decode(nonempty, voices) if nonempty else [])
-        results = []
-        for text, f in zip(texts, frames):
+        # per segment, tempo changed per segment (as the original's speed)
+        audios = []
+        for f in frames:
             audio = np.asarray(next(decoded), np.float32) if len(f) \
                 else np.zeros(0, np.float32)
-            audio = change_tempo(audio, speed, self.sample_rate)
-            results.append(SpeechOutput(text, audio, self.sample_rate, f))
+            audios.append(change_tempo(audio, speed, self.sample_rate))
+        results = []
+        for index, text in enumerate(texts):
+            mine = [i for i, o in enumerate(owners) if o == index]
+            results.append(SpeechOutput(
+                text, np.concatenate([audios[i] for i in mine]), self.sample_rate,
+                np.concatenate([frames[i] for i in mine]),
+                [requests[i].text for i in mine]))
         return results

@@ -48,6 +48,7 @@ from vllm.entrypoints.text_to_speech.protocol import (
     SPEED_MIN,
     SpeechRequest,
 )
+from vllm.entrypoints.text_to_speech.segments import split_speech_request
 from vllm.entrypoints.text_to_speech.voices import VoiceStore
 from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
 from vllm.logger import init_logger
@@ -189,11 +190,18 @@ class LeftContextStream:
 
 
 @dataclass
-class _Prepared:
+class _Segment:
+    """One engine request of a speech request (``split_speech_text``)."""
     request_id: str
     params: TextToSpeechParams
     engine_input: Any
     sampling_params: Any
+
+
+@dataclass
+class _Prepared:
+    request_id: str
+    segments: list[_Segment]
     speed: float
     fmt: str
 
@@ -334,30 +342,68 @@ class OpenAIServingSpeech(GenerateBaseServing):
             if value is not None:
                 sampling_kwargs[key] = value
         sampling_kwargs["max_tokens"] = request.max_new_tokens or cfg.default_max_new_tokens
-        prompt = self.model_cls.get_speech_generation_prompt(params)
-        sampling_params = self.model_cls.get_speech_sampling_params(
-            params, sampling_kwargs)
+        # A model may speak a long text as several segments (e.g. sentence
+        # splitting), each its own engine request with the same voice and
+        # options; max_new_tokens and the model's length rules are per
+        # segment.
+        seg_params = split_speech_request(self.model_cls, params)
+        prompts, sampling = [], []
+        for sp in seg_params:
+            prompts.append(self.model_cls.get_speech_generation_prompt(sp))
+            sampling.append(self.model_cls.get_speech_sampling_params(
+                sp, dict(sampling_kwargs)))
         engine_inputs = await self.renderer.render_cmpl_async(
-            [parse_model_prompt(self.model_config, prompt)])
+            [parse_model_prompt(self.model_config, pr) for pr in prompts])
         request_id = f"{self.request_id_prefix}-" \
             f"{self._base_request_id(raw_request, random_uuid())}"
-        return _Prepared(request_id, params, engine_inputs[0], sampling_params,
-                         request.speed, fmt)
+        segments = [
+            _Segment(request_id if len(seg_params) == 1 else f"{request_id}-{i}",
+                     sp, ei, spp)
+            for i, (sp, ei, spp) in enumerate(zip(seg_params, engine_inputs, sampling))]
+        if len(segments) > 1:
+            logger.debug("speech request %s: %d segments", request_id, len(segments))
+        return _Prepared(request_id, segments, request.speed, fmt)
 
     def model_voices(self) -> list[str]:
         """Preset speakers the model knows without reference audio."""
         getter = getattr(self.model_cls, "get_speech_presets", None)
         return list(getter(self.model_config)) if getter else []
 
-    async def _generate(self, p: _Prepared) -> AsyncGenerator[RequestOutput, None]:
-        gen = self.engine_client.generate(p.engine_input, p.sampling_params,
-                                          p.request_id)
+    async def _generate(self, seg: _Segment) -> AsyncGenerator[RequestOutput, None]:
+        gen = self.engine_client.generate(seg.engine_input, seg.sampling_params,
+                                          seg.request_id)
         try:
             async for out in gen:
                 yield out
         except asyncio.CancelledError:
-            await self.engine_client.abort(p.request_id)
+            await self.engine_client.abort(seg.request_id)
             raise
+
+    async def _speak_segment(self, seg: _Segment, speed: float) -> np.ndarray:
+        final: RequestOutput | None = None
+        async for out in self._generate(seg):
+            final = out
+        assert final is not None
+        frames = self._frames(final)
+        if len(frames) == 0:
+            audio = np.zeros(0, np.float32)
+        else:
+            audio = await self.worker.decode(frames, seg.params.voice)
+        return change_tempo(audio, speed, self.tts_config.sample_rate)
+
+    async def _speak(self, p: _Prepared) -> np.ndarray:
+        """One-shot audio: the segments are generated concurrently (the
+        engine batches them) and decoded each on its own, then joined."""
+        tasks = [asyncio.ensure_future(self._speak_segment(seg, p.speed))
+                 for seg in p.segments]
+        try:
+            audios = await asyncio.gather(*tasks)
+        finally:
+            # on an error or a cancellation, stop (and abort) the others
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return audios[0] if len(audios) == 1 else np.concatenate(audios)
 
     def _frames(self, out: RequestOutput) -> np.ndarray:
         return self.model_cls.get_speech_frames(out.outputs[0], self.model_config)
@@ -376,16 +422,7 @@ class OpenAIServingSpeech(GenerateBaseServing):
             return self._stream(prepared, request.stream_format)
         try:
             t0 = time.monotonic()
-            final: RequestOutput | None = None
-            async for out in self._generate(prepared):
-                final = out
-            assert final is not None
-            frames = self._frames(final)
-            if len(frames) == 0:
-                audio = np.zeros(0, np.float32)
-            else:
-                audio = await self.worker.decode(frames, prepared.params.voice)
-            audio = change_tempo(audio, prepared.speed, self.tts_config.sample_rate)
+            audio = await self._speak(prepared)
             elapsed = time.monotonic() - t0
             metrics.observe_request(elapsed, elapsed,
                                     audio.size / self.tts_config.sample_rate)
@@ -400,18 +437,15 @@ class OpenAIServingSpeech(GenerateBaseServing):
                 status_code=HTTPStatus.INTERNAL_SERVER_ERROR)
         return body, MEDIA_TYPES[prepared.fmt]
 
-    async def _stream(self, p: _Prepared, stream_format: str) -> AsyncGenerator[bytes, None]:
+    async def _stream(self, p: _Prepared,
+                      stream_format: str) -> AsyncGenerator[bytes, None]:
+        """The segments one after another, each through its own decoder
+        session (as the original streams sentence after sentence)."""
         sr = self.tts_config.sample_rate
         t0 = time.monotonic()
         first_audio_s: float | None = None
-        sent_frames = 0
+        sent = {"frames": 0}
         total_samples = 0
-        session = await self.worker.call(lambda: self.decoder.open_stream(p.params.voice))
-        # A decoder with its own chunking (e.g. CosyVoice2's token hop and
-        # look-ahead) may ask for frames as soon as they come.
-        first_chunk, next_chunk = getattr(
-            self.decoder, "stream_chunk_frames",
-            (STREAM_FIRST_CHUNK_FRAMES, STREAM_CHUNK_FRAMES))
 
         def emit(audio: np.ndarray) -> bytes:
             if stream_format == "sse":
@@ -420,51 +454,26 @@ class OpenAIServingSpeech(GenerateBaseServing):
                 return f"data: {json.dumps(event)}\n\n".encode()
             return pcm16(audio)
 
-        async def decode_new(frames: np.ndarray) -> np.ndarray:
-            new = frames[sent_frames:]
-            audio = await self.worker.call(lambda: session.decode(new))
-            return change_tempo(np.asarray(audio, np.float32), p.speed, sr)
-
         try:
             if stream_format == "audio" and p.fmt == "wav":
                 yield wav_stream_header(sr)
-            frames = None
-            async for out in self._generate(p):
-                frames = self._frames(out)
-                target = first_chunk if sent_frames == 0 else next_chunk
-                if len(frames) - sent_frames >= target and not out.finished:
-                    audio = await decode_new(frames)
-                    sent_frames = len(frames)
-                    if first_audio_s is None:
-                        first_audio_s = time.monotonic() - t0
-                    total_samples += audio.size
-                    yield emit(audio)
-            if frames is not None and len(frames) > sent_frames:
-                audio = await decode_new(frames)
-                sent_frames = len(frames)
-                if first_audio_s is None:
-                    first_audio_s = time.monotonic() - t0
-                total_samples += audio.size
-                yield emit(audio)
-            # Optional: audio a session holds back (look-ahead, cross-fade)
-            # until it knows that no frames follow.
-            finish = getattr(session, "finish", None)
-            if finish is not None:
-                audio = await self.worker.call(finish)
-                audio = change_tempo(np.asarray(audio, np.float32), p.speed, sr)
-                if audio.size:
+            for seg in p.segments:
+                async for audio in self._stream_segment(seg, p.speed, sent):
                     if first_audio_s is None:
                         first_audio_s = time.monotonic() - t0
                     total_samples += audio.size
                     yield emit(audio)
             elapsed = time.monotonic() - t0
-            metrics.observe_request(first_audio_s or elapsed, elapsed, total_samples / sr)
+            metrics.observe_request(first_audio_s or elapsed, elapsed,
+                                    total_samples / sr)
             if stream_format == "sse":
-                prompt_ids = p.engine_input.get("prompt_token_ids", []) \
-                    if isinstance(p.engine_input, dict) else []
+                input_tokens = sum(
+                    len(seg.engine_input.get("prompt_token_ids", []))
+                    if isinstance(seg.engine_input, dict) else 0
+                    for seg in p.segments)
                 done = {"type": "speech.audio.done",
-                        "usage": {"input_tokens": len(prompt_ids),
-                                  "output_tokens": sent_frames,
+                        "usage": {"input_tokens": input_tokens,
+                                  "output_tokens": sent["frames"],
                                   "audio_seconds": round(total_samples / sr, 3)}}
                 yield f"data: {json.dumps(done)}\n\n".encode()
         except Exception as e:  # noqa: BLE001
@@ -473,3 +482,44 @@ class OpenAIServingSpeech(GenerateBaseServing):
                 err = {"type": "error", "error": {"message": str(e)}}
                 yield f"data: {json.dumps(err)}\n\n".encode()
             raise
+
+    async def _stream_segment(self, seg: _Segment, speed: float,
+                              sent: dict[str, int]) -> AsyncGenerator[np.ndarray, None]:
+        """Audio chunks of one segment; adds its frames to ``sent``."""
+        sr = self.tts_config.sample_rate
+        sent_frames = 0
+        session = await self.worker.call(
+            lambda: self.decoder.open_stream(seg.params.voice))
+        # A decoder with its own chunking (e.g. CosyVoice2's token hop and
+        # look-ahead) may ask for frames as soon as they come.
+        first_chunk, next_chunk = getattr(
+            self.decoder, "stream_chunk_frames",
+            (STREAM_FIRST_CHUNK_FRAMES, STREAM_CHUNK_FRAMES))
+
+        async def decode_new(frames: np.ndarray) -> np.ndarray:
+            new = frames[sent_frames:]
+            audio = await self.worker.call(lambda: session.decode(new))
+            return change_tempo(np.asarray(audio, np.float32), speed, sr)
+
+        frames = None
+        async for out in self._generate(seg):
+            frames = self._frames(out)
+            target = first_chunk if sent_frames == 0 else next_chunk
+            if len(frames) - sent_frames >= target and not out.finished:
+                audio = await decode_new(frames)
+                sent["frames"] += len(frames) - sent_frames
+                sent_frames = len(frames)
+                yield audio
+        if frames is not None and len(frames) > sent_frames:
+            audio = await decode_new(frames)
+            sent["frames"] += len(frames) - sent_frames
+            sent_frames = len(frames)
+            yield audio
+        # Optional: audio a session holds back (look-ahead, cross-fade)
+        # until it knows that no frames follow.
+        finish = getattr(session, "finish", None)
+        if finish is not None:
+            audio = await self.worker.call(finish)
+            audio = change_tempo(np.asarray(audio, np.float32), speed, sr)
+            if audio.size:
+                yield audio
