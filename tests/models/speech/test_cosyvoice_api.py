@@ -1,11 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
-"""CosyVoice2 end to end on CPU: ``vllm.entrypoints.openai.api_server`` on a
-tiny random release directory (original format, see
-``tools/make_cosyvoice2_checkpoint.py``), called with the ``openai`` client
-and plain HTTP on ``/v1/audio/speech`` and ``/v1/audio/voices``.
+"""CosyVoice2 and CosyVoice3 end to end on CPU:
+``vllm.entrypoints.openai.api_server`` on a tiny random release directory of
+each generation (original format, see ``tools/make_cosyvoice2_checkpoint.py``
+and ``tools/make_cosyvoice3_checkpoint.py``), called with the ``openai``
+client and plain HTTP on ``/v1/audio/speech`` and ``/v1/audio/voices``.
 
-One server for the module (engine start dominates).
+One server per generation (engine start dominates): every test runs against
+the CosyVoice2 server, then against the CosyVoice3 one.
 """
 
 import base64
@@ -37,12 +39,21 @@ def media_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, media_dir):
-    from demo import serve
-    from make_cosyvoice2_checkpoint import make_release_dir
+RELEASES = {
+    "cosyvoice2": ("make_cosyvoice2_checkpoint", "CosyVoice2-tiny"),
+    "cosyvoice3": ("make_cosyvoice3_checkpoint", "Fun-CosyVoice3-tiny"),
+}
 
-    ckpt = make_release_dir(tmp_path_factory.mktemp("ckpt") / "CosyVoice2-tiny")
+
+@pytest.fixture(scope="module", params=sorted(RELEASES))
+def server(request, tmp_path_factory, media_dir):
+    import importlib
+
+    from demo import serve
+
+    maker, name = RELEASES[request.param]
+    make_release_dir = importlib.import_module(maker).make_release_dir
+    ckpt = make_release_dir(tmp_path_factory.mktemp("ckpt") / name)
     voices = tmp_path_factory.mktemp("voices")
     with serve(
         ckpt,
