@@ -6,13 +6,14 @@
 * ``CV3_AUDIO_YAML[size]`` (size ``"tiny"`` | ``"real"``): the ``flow`` and
   ``hift`` sections of ``cosyvoice3.yaml`` (``CausalMaskedDiffWithDiT`` with
   the ``DiT`` estimator, ``CausalHiFTGenerator``), in the layout of
-  ``examples/libritts/cosyvoice3/conf/cosyvoice3.yaml``; "real" has the
-  release dims, "tiny" shrinks the DiT, the look-ahead layer, the HiFT and
-  the vocabulary (300, the tiny LM's speech tokens). The sections refer to
-  the yaml's fixed params (``sample_rate``, ``spk_embed_dim``,
-  ``token_frame_rate``, ``token_mel_ratio``, ``chunk_size``,
-  ``num_decoding_left_chunks``); ``CV3_AUDIO_HEADER`` defines them for a
-  standalone file (``cv3_audio_yaml``).
+  ``examples/libritts/cosyvoice3/conf/cosyvoice3.yaml``: the template
+  ``AUDIO_YAML`` of ``make_cosyvoice3_checkpoint.py`` with its ``TINY`` /
+  ``REAL`` dims; "real" has the release dims, "tiny" shrinks the DiT, the
+  look-ahead layer, the HiFT and the vocabulary (300, the tiny LM's speech
+  tokens). The sections refer to the yaml's fixed params (``sample_rate``,
+  ``spk_embed_dim``, ``token_frame_rate``, ``token_mel_ratio``,
+  ``chunk_size``, ``num_decoding_left_chunks``); ``CV3_AUDIO_HEADER`` defines
+  them for a standalone file (``cv3_audio_yaml``).
 * ``write_cv3_flow_hift(out_dir, size, seed)`` writes ``flow.pt`` and
   ``hift.pt``: plain state dicts with the original key names and shapes
   (random init by our own modules, spread so that the tiny model's mel and
@@ -27,6 +28,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+# The template and the dims are the release maker's (tools/ is on sys.path
+# wherever this module is imported or run).
+from make_cosyvoice3_checkpoint import AUDIO_YAML, REAL, TINY
+
 CV3_AUDIO_HEADER = """\
 sample_rate: 24000
 spk_embed_dim: 192
@@ -37,97 +42,9 @@ num_decoding_left_chunks: -1
 
 """
 
-_DIMS: dict[str, dict[str, int]] = {
-    "tiny": dict(
-        vocab=300,
-        lookahead_channels=64,
-        dit_dim=64,
-        dit_depth=2,
-        dit_heads=2,
-        dit_dim_head=32,
-        hift_base=32,
-        f0_cond=16,
-    ),
-    "real": dict(
-        vocab=6561,
-        lookahead_channels=1024,
-        dit_dim=1024,
-        dit_depth=22,
-        dit_heads=16,
-        dit_dim_head=64,
-        hift_base=512,
-        f0_cond=512,
-    ),
-}
-
-_TEMPLATE = """\
-flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithDiT
-    input_size: 80
-    output_size: 80
-    spk_embed_dim: !ref <spk_embed_dim>
-    output_type: 'mel'
-    vocab_size: {vocab}
-    input_frame_rate: !ref <token_frame_rate>
-    only_mask_loss: True
-    token_mel_ratio: !ref <token_mel_ratio>
-    pre_lookahead_len: 3
-    pre_lookahead_layer: !new:cosyvoice.transformer.upsample_encoder.PreLookaheadLayer
-        in_channels: 80
-        channels: {lookahead_channels}
-        pre_lookahead_len: 3
-    decoder: !new:cosyvoice.flow.flow_matching.CausalConditionalCFM
-        in_channels: 240
-        n_spks: 1
-        spk_emb_dim: 80
-        cfm_params: !new:omegaconf.DictConfig
-            content:
-                sigma_min: 1e-06
-                solver: 'euler'
-                t_scheduler: 'cosine'
-                training_cfg_rate: 0.2
-                inference_cfg_rate: 0.7
-                reg_loss_type: 'l1'
-        estimator: !new:cosyvoice.flow.DiT.dit.DiT
-            dim: {dit_dim}
-            depth: {dit_depth}
-            heads: {dit_heads}
-            dim_head: {dit_dim_head}
-            ff_mult: 2
-            mel_dim: 80
-            mu_dim: 80
-            spk_dim: 80
-            out_channels: 80
-            static_chunk_size: !ref <chunk_size> * <token_mel_ratio>
-            num_decoding_left_chunks: !ref <num_decoding_left_chunks>
-
-hift: !new:cosyvoice.hifigan.generator.CausalHiFTGenerator
-    in_channels: 80
-    base_channels: {hift_base}
-    nb_harmonics: 8
-    sampling_rate: !ref <sample_rate>
-    nsf_alpha: 0.1
-    nsf_sigma: 0.003
-    nsf_voiced_threshold: 10
-    upsample_rates: [8, 5, 3]
-    upsample_kernel_sizes: [16, 11, 7]
-    istft_params:
-        n_fft: 16
-        hop_len: 4
-    resblock_kernel_sizes: [3, 7, 11]
-    resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
-    source_resblock_kernel_sizes: [7, 7, 11]
-    source_resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
-    lrelu_slope: 0.1
-    audio_limit: 0.99
-    conv_pre_look_right: 4
-    f0_predictor: !new:cosyvoice.hifigan.f0_predictor.CausalConvRNNF0Predictor
-        num_class: 1
-        in_channels: 80
-        cond_channels: {f0_cond}
-"""
-
 CV3_AUDIO_YAML: dict[str, str] = {
-    size: _TEMPLATE.format(**dims) for size, dims in _DIMS.items()
+    "tiny": AUDIO_YAML.format(**TINY),
+    "real": AUDIO_YAML.format(**REAL),
 }
 
 

@@ -192,14 +192,24 @@ def install_matcha_logger_shim() -> None:
 
 
 def _make_blank_en(out: Path, d: dict, seed: int) -> None:
-    import torch
     from make_demo_checkpoint import make_tokenizer
-    from safetensors.torch import save_file
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
     n_tokens = make_tokenizer(out, vocab_size=512)
     assert n_tokens + 32 <= d["text_vocab"]  # + the 17 CosyVoice specials
+    write_blank_en_qwen2(out, d, seed, eos_id=0)
+
+
+def write_blank_en_qwen2(out: Path, d: dict, seed: int, eos_id: int) -> None:
+    """The Qwen2 part of ``CosyVoice-BlankEN/`` (shared with
+    make_cosyvoice3_checkpoint.py): ``config.json`` and ``model.safetensors``
+    of a ``Qwen2ForCausalLM`` with the dims of ``d``, default init under
+    ``seed``, the tied ``lm_head.weight`` not saved; ``eos_id`` is both the
+    bos and the eos id (the tokenizer's ``<|endoftext|>``)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     cfg = Qwen2Config(
         vocab_size=d["text_vocab"],
         hidden_size=d["hidden"],
@@ -211,8 +221,8 @@ def _make_blank_en(out: Path, d: dict, seed: int) -> None:
         rms_norm_eps=1e-6,
         rope_theta=1000000.0,
         tie_word_embeddings=True,
-        bos_token_id=0,
-        eos_token_id=0,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
         torch_dtype="float32",
         use_sliding_window=False,
     )

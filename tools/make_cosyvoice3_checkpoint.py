@@ -123,6 +123,8 @@ llm: !new:cosyvoice.llm.llm.CosyVoice3LM
 
 """
 
+# The flow and hift sections (also tools/cosyvoice3_audio_weights.py's
+# CV3_AUDIO_YAML, the yaml its flow.pt / hift.pt are built from).
 AUDIO_YAML = """\
 flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithDiT
     input_size: 80
@@ -217,16 +219,6 @@ def _audio_module() -> Any:
     return cosyvoice3_audio_weights
 
 
-def _audio_yaml(size: str, d: dict) -> str:
-    mod = _audio_module()
-    if mod is None:
-        return AUDIO_YAML.format(**d)
-    text = mod.CV3_AUDIO_YAML
-    if isinstance(text, dict):
-        text = text[size]
-    return str(text)
-
-
 def make_tokenizer(out: Path) -> None:
     """A byte-level BPE (trained on ``CORPUS``) padded with unused regular
     tokens to 151643 ids, then the three Qwen specials at 151643..151645,
@@ -275,38 +267,11 @@ def make_tokenizer(out: Path) -> None:
 
 
 def _make_blank_en(out: Path, d: dict, seed: int) -> None:
-    import torch
-    from safetensors.torch import save_file
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from make_cosyvoice2_checkpoint import write_blank_en_qwen2
 
     out.mkdir(parents=True, exist_ok=True)
     make_tokenizer(out)
-    cfg = Qwen2Config(
-        vocab_size=d["text_vocab"],
-        hidden_size=d["hidden"],
-        intermediate_size=d["intermediate"],
-        num_hidden_layers=d["layers"],
-        num_attention_heads=d["heads"],
-        num_key_value_heads=d["kv_heads"],
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        tie_word_embeddings=True,
-        bos_token_id=151643,
-        eos_token_id=151643,
-        torch_dtype="float32",
-        use_sliding_window=False,
-    )
-    cfg.architectures = ["Qwen2ForCausalLM"]
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(cfg)
-    state = {
-        k: v.contiguous()
-        for k, v in model.state_dict().items()
-        if k != "lm_head.weight"
-    }
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    cfg.save_pretrained(out)
+    write_blank_en_qwen2(out, d, seed, eos_id=NUM_REGULAR_TOKENS)
 
 
 def llm_state(d: dict, seed: int) -> dict:
@@ -381,7 +346,7 @@ def make_release_dir(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cosyvoice3.yaml").write_text(
-        LLM_YAML.format(size=size, **d) + _audio_yaml(size, d) + TAIL_YAML,
+        LLM_YAML.format(size=size, **d) + AUDIO_YAML.format(**d) + TAIL_YAML,
         encoding="utf-8",
     )
     _make_blank_en(out / "CosyVoice-BlankEN", d, seed)

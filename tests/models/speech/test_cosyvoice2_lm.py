@@ -40,6 +40,8 @@ from vllm.model_executor.models.cosyvoice2 import (  # noqa: E402
     ras_distribution,
 )
 
+from .cosyvoice_lm_common import check_seeded_sampling  # noqa: E402
+
 # One in-process engine serves the module: keep vLLM's per-test cleanup off.
 pytestmark = pytest.mark.skip_global_cleanup
 
@@ -389,34 +391,10 @@ def test_ras_banned_nucleus_falls_back():
 def test_seeded_ras_sampling_in_engine(llm):
     """Sampling (RAS through the runner's model-sampler hook) is seeded per
     request, never yields non-speech ids and honours min/max lengths."""
-    from vllm.inputs import TokensPrompt
-
     mc = llm.llm_engine.model_config
-    v = CosyVoice2Vocab(mc.hf_config)
-    p = _params(llm)
-    prompt = TokensPrompt(**CosyVoice2ForCausalLM.get_speech_generation_prompt(p))
-
-    def run(seed):
-        sp = CosyVoice2ForCausalLM.get_speech_sampling_params(
-            p,
-            {
-                "temperature": 1.0,
-                "top_p": 0.8,
-                "top_k": 25,
-                "seed": seed,
-                "max_tokens": 4096,
-            },
-        )
-        return sp, llm.generate([prompt, prompt], sp, use_tqdm=False)
-
-    sp, outs = run(1)
-    a, b = (o.outputs[0].token_ids for o in outs)
-    assert a == b
-    assert a != run(2)[1][0].outputs[0].token_ids
-    for ids in (a,):
-        body = ids[:-1] if ids[-1] in v.stop_token_ids else ids
-        assert all(v.speech_offset <= t < v.eos for t in body)
-        assert sp.min_tokens <= len(ids) <= sp.max_tokens
+    check_seeded_sampling(
+        llm, CosyVoice2ForCausalLM, CosyVoice2Vocab(mc.hf_config), _params(llm)
+    )
 
 
 def test_bad_llm_pt(release_dir, tmp_path):

@@ -34,6 +34,8 @@ from vllm.model_executor.models.cosyvoice3 import (  # noqa: E402
     CosyVoice3Vocab,
 )
 
+from .cosyvoice_lm_common import check_seeded_sampling  # noqa: E402
+
 # One in-process engine serves the module: keep vLLM's per-test cleanup off.
 pytestmark = pytest.mark.skip_global_cleanup
 
@@ -416,33 +418,10 @@ def test_ras_law_matches_original_draws(golden):
 def test_seeded_sampling_in_engine(llm):
     """Seeded RAS through the runner's model-sampler hook: reproducible per
     seed, speech ids only, lengths within min/max."""
-    from vllm.inputs import TokensPrompt
-
     mc = llm.llm_engine.model_config
-    v = CosyVoice3Vocab(mc.hf_config)
-    p = _params(mc)
-    prompt = TokensPrompt(**CosyVoice3ForCausalLM.get_speech_generation_prompt(p))
-
-    def run(seed):
-        sp = CosyVoice3ForCausalLM.get_speech_sampling_params(
-            p,
-            {
-                "temperature": 1.0,
-                "top_p": 0.8,
-                "top_k": 25,
-                "seed": seed,
-                "max_tokens": 4096,
-            },
-        )
-        return sp, llm.generate([prompt, prompt], sp, use_tqdm=False)
-
-    sp, outs = run(1)
-    a, b = (o.outputs[0].token_ids for o in outs)
-    assert a == b
-    assert a != run(2)[1][0].outputs[0].token_ids
-    body = a[:-1] if a[-1] in v.stop_token_ids else a
-    assert all(v.speech_offset <= t < v.speech_offset + S for t in body)
-    assert sp.min_tokens <= len(a) <= sp.max_tokens
+    check_seeded_sampling(
+        llm, CosyVoice3ForCausalLM, CosyVoice3Vocab(mc.hf_config), _params(mc)
+    )
 
 
 # ------------------------------------------------------------ bad inputs

@@ -5,6 +5,9 @@
 each generation (original format, see ``tools/make_cosyvoice2_checkpoint.py``
 and ``tools/make_cosyvoice3_checkpoint.py``), called with the ``openai``
 client and plain HTTP on ``/v1/audio/speech`` and ``/v1/audio/voices``.
+Long text: the original frontend's sentence splitting makes one LM request
+per segment (``split_speech_text``, ``cosyvoice_frontend.py``; the splitter
+itself is checked against the original in ``test_cosyvoice_frontend.py``).
 
 One server per generation (engine start dominates): every test runs against
 the CosyVoice2 server, then against the CosyVoice3 one.
@@ -260,3 +263,90 @@ def test_bad_requests(server, fields, code):
     status, _, body = speak(server, **fields)
     assert status == code, body
     assert "error" in json.loads(body)
+
+
+# ------------------------------------------------------------ long text
+TOKENS = 20  # max_new_tokens: with greedy decoding every segment runs to it
+ZH_LONG = (
+    "今天天气很好，我们一起去公园散步吧！你觉得怎么样？"
+    "我说：“好的。”他说：“那我们走吧！”公园里有很多花，红的、黄的、白的都有。"
+) * 3 + "最后，我们回家了"
+LONG_TEXT_BODY = {
+    "voice": "spk_a",
+    "response_format": "pcm",
+    "temperature": 0.0,
+    "max_new_tokens": TOKENS,
+}
+AS_GIVEN = {"text_frontend": False}
+
+
+def speak_long(server, **fields):
+    """``speak`` with greedy ``spk_a`` PCM at ``TOKENS`` tokens a segment."""
+    return speak(server, **{**LONG_TEXT_BODY, **fields})
+
+
+def ok(server, **fields) -> bytes:
+    status, _, body = speak_long(server, **fields)
+    assert status == 200, body
+    return body
+
+
+def zh_segments(text):
+    from vllm.model_executor.models.cosyvoice_frontend import text_normalize
+
+    return text_normalize(text, len)  # zh lengths count characters
+
+
+def test_long_text_one_shot_equals_segments(server):
+    """One-shot: the segments (generated concurrently) decoded each on its
+    own and concatenated, equal to requesting them one by one."""
+    segs = zh_segments(ZH_LONG)
+    assert len(segs) >= 3
+    long_pcm = ok(server, input=ZH_LONG)
+    parts = [ok(server, input=s, extra_args=AS_GIVEN) for s in segs]
+    assert all(len(p) == TOKENS * SAMPLES_PER_TOKEN * 2 for p in parts)
+    assert len(long_pcm) == len(segs) * TOKENS * SAMPLES_PER_TOKEN * 2
+    a = np.frombuffer(long_pcm, "<i2").astype(np.int32)
+    b = np.frombuffer(b"".join(parts), "<i2").astype(np.int32)
+    # the decode worker may batch the concurrent segments (float rounding)
+    assert np.abs(a - b).max() <= 2
+
+
+def test_long_text_stream_equals_segments(server):
+    """Streaming: segment after segment, each through its own decoder
+    session, as the original streams sentence after sentence."""
+    segs = zh_segments(ZH_LONG)
+    streamed = ok(server, input=ZH_LONG, stream_format="audio")
+    each = [
+        ok(server, input=s, extra_args=AS_GIVEN, stream_format="audio") for s in segs
+    ]
+    assert streamed == b"".join(each)
+    assert len(streamed) == len(segs) * TOKENS * SAMPLES_PER_TOKEN * 2
+
+    body = ok(server, input=ZH_LONG, stream_format="sse")
+    events = [
+        json.loads(line[6:])
+        for line in body.decode().splitlines()
+        if line.startswith("data: ")
+    ]
+    assert events[-1]["type"] == "speech.audio.done"
+    assert events[-1]["usage"]["output_tokens"] == TOKENS * len(segs)
+    deltas = [e for e in events if e["type"] == "speech.audio.delta"]
+    assert b"".join(base64.b64decode(e["audio"]) for e in deltas) == streamed
+
+
+def test_long_text_opt_outs_and_errors(server):
+    n = len(zh_segments(ZH_LONG))
+    whole = ok(server, input=ZH_LONG, extra_args={"split_text": False})
+    as_given = ok(server, input=ZH_LONG, extra_args=AS_GIVEN)
+    assert len(whole) == len(as_given) == TOKENS * SAMPLES_PER_TOKEN * 2
+    assert len(ok(server, input=ZH_LONG)) == n * len(whole)
+    # English: sentences joined up to 80 tokens; short text is one segment
+    assert len(ok(server, input="Hello world. Short text.")) == len(whole)
+    for fields in (
+        {"input": "?!…"},  # nothing left to speak
+        {"input": "hello", "extra_args": {"split_text": "no"}},
+    ):
+        status, _, body = speak_long(server, **fields)
+        assert status == 400, body
+        assert "error" in json.loads(body)
