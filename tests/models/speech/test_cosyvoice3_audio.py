@@ -36,6 +36,7 @@ from vllm.model_executor.models.cosyvoice_hift import (  # noqa: E402
 from vllm.model_executor.models.cosyvoice_token2wav import (  # noqa: E402
     CosyVoice2Token2Wav,
     CosyVoice3Token2Wav,
+    push_streams,
 )
 
 FIXTURE = REPO / "tests/models/speech/fixtures/cosyvoice3_audio/cosyvoice3_audio.pt"
@@ -284,3 +285,42 @@ def test_yaml_sections():
 
     assert blocks(fs) == blocks(tiny_flow.state_dict())
     assert set(hs) == set(tiny_hift.state_dict())
+
+
+def test_push_streams_batches_sessions(fx, t2w):
+    """Three sessions streamed together (batched flow, batched causal HiFT
+    where the mel lengths agree) give what each gives alone."""
+    prompt = (fx["prompt_token"], fx["prompt_feat"])
+    toks = fx["tokens"][0, :30].tolist()
+    setups = [(no_prompt(), toks), (no_prompt(), toks[::-1]), (prompt, toks)]
+
+    def sessions():
+        return [t2w.stream(*p, fx["embedding"]) for p, _ in setups]
+
+    alone = []
+    for s, (_, t) in zip(sessions(), setups):
+        alone.append(s.push(t[:14]) + s.push(t[14:]) + s.finish())
+    sizes: list[int] = []
+    inner = t2w.token2wav_batch
+    t2w.token2wav_batch = lambda jobs: sizes.append(len(jobs)) or inner(jobs)
+    try:
+        streams = sessions()
+        together = [[] for _ in streams]
+        for part in (slice(0, 14), slice(14, None)):
+            outs = push_streams(streams, [t[part] for _, t in setups], [False] * 3)
+            for g, o in zip(together, outs):
+                g += o
+        for g, o in zip(together, push_streams(streams, [[]] * 3, [True] * 3)):
+            g += o
+    finally:
+        del t2w.token2wav_batch
+    assert max(sizes) == 3, sizes
+    for a, b in zip(together, alone):
+        assert [c.shape for c in a] == [c.shape for c in b]
+        for x, y in zip(a, b):
+            close(x, y)
+    # the first session is the release-hop fixture
+    ref = fx["tts_stream_release"]
+    assert [c.shape[1] for c in together[0]] == [c.shape[1] for c in ref]
+    for ours, want in zip(together[0], ref):
+        close(ours, want)

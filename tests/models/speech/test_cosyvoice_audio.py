@@ -35,7 +35,9 @@ def _install_matcha_logger_shim() -> None:
 
 _install_matcha_logger_shim()
 
-from cosyvoice.hifigan.f0_predictor import ConvRNNF0Predictor as RefF0Predictor  # noqa: E402
+from cosyvoice.hifigan.f0_predictor import (
+    ConvRNNF0Predictor as RefF0Predictor,  # noqa: E402
+)
 from cosyvoice.hifigan.generator import HiFTGenerator as RefHiFT  # noqa: E402
 
 from vllm.model_executor.models.cosyvoice_hift import (  # noqa: E402
@@ -181,7 +183,9 @@ def test_hift_load_errors(ref_hift):
 
 
 # ---------------------------------------------------------------- flow ----
-from cosyvoice.flow.decoder import CausalConditionalDecoder as RefEstimator  # noqa: E402
+from cosyvoice.flow.decoder import (
+    CausalConditionalDecoder as RefEstimator,  # noqa: E402
+)
 from cosyvoice.flow.flow import CausalMaskedDiffWithXvec as RefFlow  # noqa: E402
 from cosyvoice.flow.flow_matching import CausalConditionalCFM as RefCFM  # noqa: E402
 from cosyvoice.transformer.upsample_encoder import (  # noqa: E402
@@ -189,7 +193,10 @@ from cosyvoice.transformer.upsample_encoder import (  # noqa: E402
 )
 from omegaconf import DictConfig  # noqa: E402
 
-from vllm.model_executor.models.cosyvoice_flow import CosyVoiceFlowConfig, load_flow  # noqa: E402
+from vllm.model_executor.models.cosyvoice_flow import (  # noqa: E402
+    CosyVoiceFlowConfig,
+    load_flow,
+)
 
 VOCAB = 100
 # cosyvoice2.yaml's flow section, shrunk where the original allows it (the
@@ -377,6 +384,7 @@ from cosyvoice.cli.model import CosyVoice2Model as RefCV2Model  # noqa: E402
 from vllm.model_executor.models.cosyvoice_token2wav import (  # noqa: E402
     CosyVoice2Token2Wav,
     load_cosyvoice_yaml,
+    push_streams,
 )
 
 STREAM_FLOW_YAML = {
@@ -756,3 +764,79 @@ def test_token2wav_batch(stream_models):
         (want,) = _ref_tts(ref, token, prompt_token, prompt_feat, emb, stream=False)
         assert g.shape == want.shape
         assert rel_err(g, want) < 1e-3
+
+
+def _record_batches(model) -> list[int]:
+    """Sizes of the token2wav_batch calls made on ``model`` from now on."""
+    sizes: list[int] = []
+    inner = model.token2wav_batch
+
+    def spy(jobs):
+        sizes.append(len(jobs))
+        return inner(jobs)
+
+    model.token2wav_batch = spy
+    return sizes
+
+
+def test_push_streams_batches_sessions(stream_models):
+    """Concurrent streaming sessions decoded in batches (padded flow,
+    batched HiFT with each session's own noise) give each session the
+    original's chunks; a failing session does not fail the others."""
+    ref, ours = stream_models
+    cases = [(10, 100, 81), (10, 90, 82), (0, 60, 83)]
+    items = [_flow_inputs(p, n, seed) for p, n, seed in cases]
+    sessions = [
+        ours.stream(pt, pf, emb, generator=torch.Generator().manual_seed(seed))
+        for (_, pt, pf, emb), (_, _, seed) in zip(items, cases)
+    ]
+    bad = ours.stream(*items[0][1:], generator=torch.Generator().manual_seed(0))
+    streams = sessions + [bad]
+    toks = [t[0][0].tolist() for t in items] + [[VOCAB + 5] * 100]
+    sizes = _record_batches(ours)
+    try:
+        got: list[list] = [[] for _ in sessions]
+        failed = None
+        for i in range(0, 100, 9):
+            outs = push_streams(
+                streams, [t[i : i + 9] for t in toks], [False] * len(streams)
+            )
+            for g, o in zip(got, outs[:3]):
+                g += o
+            if len(outs) == 4 and isinstance(outs[3], BaseException):
+                failed = outs[3]
+                streams, toks = streams[:3], toks[:3]
+        assert failed is not None and "out of range" in str(failed)
+        for g, o in zip(got, push_streams(sessions, [[]] * 3, [True] * 3)):
+            g += o
+    finally:
+        del ours.token2wav_batch
+    assert max(sizes) >= 3, sizes  # the chunks really were batched
+    for (token, pt, pf, emb), (_, _, seed), g in zip(items, cases, got):
+        torch.manual_seed(seed)
+        want = _ref_tts(ref, token, pt, pf, emb, stream=True)
+        assert [c.shape for c in g] == [c.shape for c in want]
+        for a, b in zip(g, want):
+            assert rel_err(a, b) < 1e-3
+    with pytest.raises(ValueError, match="twice"):
+        push_streams([sessions[0], sessions[0]], [[], []], [False, False])
+    assert all(s.finished for s in sessions)
+    assert isinstance(push_streams(sessions[:1], [[1]], [False])[0], RuntimeError)
+
+
+def test_flow_batch_streaming_chunks(stream_models):
+    """Padded streaming (non-final) chunks == each chunk alone."""
+    _, ours = stream_models
+    items = [_flow_inputs(p, n, seed=90 + n) for p, n in ((10, 43), (0, 28), (3, 31))]
+    got = ours.flow.forward_batch(
+        [t[0][0] for t in items],
+        [t[1][0] for t in items],
+        [t[2][0] for t in items],
+        torch.cat([t[3] for t in items]),
+        streaming=True,
+        finalize=False,
+    )
+    for (token, pt, pf, emb), g in zip(items, got):
+        want = ours.flow(token, pt, pf, emb, streaming=True, finalize=False)
+        assert g.shape == want[0].shape
+        assert rel_err(g, want[0]) < 1e-3

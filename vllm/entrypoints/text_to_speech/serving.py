@@ -90,6 +90,15 @@ class DecodeWorker:
         self._jobs.put(("decode", (frames, voice), fut, loop))
         return await fut
 
+    async def stream(self, session: Any, frames: np.ndarray | None) -> np.ndarray:
+        """``session.decode(frames)``, or ``session.finish()`` when
+        ``frames`` is None. Decoders with ``decode_streams`` get the
+        sessions' queued calls batched into one."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._jobs.put(("stream", (session, frames), fut, loop))
+        return await fut
+
     async def call(self, fn: Callable[[], Any]) -> Any:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
@@ -128,21 +137,27 @@ class DecodeWorker:
     def _loop(self) -> None:
         while True:
             job = self._jobs.get()
-            batch = [job] if job[0] == "decode" else []
-            if job[0] != "decode":
+            batches: dict[str, list] = {"decode": [], "stream": []}
+            if job[0] in batches:
+                batches[job[0]].append(job)
+            else:
                 self._run_one(job)
-            # Gather the decode jobs queued meanwhile into one batch.
-            while batch and len(batch) < self.max_batch:
+            # Gather the decode (and stream) jobs queued meanwhile into one
+            # batch each; a session has at most one call in flight.
+            while any(batches.values()) and max(
+                    len(b) for b in batches.values()) < self.max_batch:
                 try:
                     nxt = self._jobs.get_nowait()
                 except queue.Empty:
                     break
-                if nxt[0] == "decode":
-                    batch.append(nxt)
+                if nxt[0] in batches:
+                    batches[nxt[0]].append(nxt)
                 else:
                     self._run_one(nxt)
-            if batch:
-                self._run_batch(batch)
+            if batches["decode"]:
+                self._run_batch(batches["decode"])
+            if batches["stream"]:
+                self._run_streams(batches["stream"])
 
     def _run_one(self, job) -> None:
         kind, fn, fut, loop = job
@@ -165,6 +180,36 @@ class DecodeWorker:
             logger.exception("speech decoder failed")
             for _, _, fut, loop in batch:
                 self._resolve(fut, loop, exc=e)
+
+
+    def _run_streams(self, batch) -> None:
+        sessions = [j[1][0] for j in batch]
+        frames = [j[1][1] for j in batch]
+        batched = getattr(self.decoder, "decode_streams", None)
+        try:
+            with torch.inference_mode():
+                if batched is not None:
+                    outs = batched(sessions, frames)
+                else:
+                    outs = [self._stream_one(s, f) for s, f in zip(sessions, frames)]
+        except Exception as e:  # noqa: BLE001
+            logger.exception("speech decoder failed")
+            outs = [e] * len(batch)
+        for (_, _, fut, loop), out in zip(batch, outs):
+            if isinstance(out, BaseException):
+                self._resolve(fut, loop, exc=out)
+            else:
+                self._resolve(fut, loop, value=np.asarray(out, dtype=np.float32))
+
+    @staticmethod
+    def _stream_one(session: Any, frames: np.ndarray | None) -> Any:
+        try:
+            if frames is not None:
+                return session.decode(frames)
+            finish = getattr(session, "finish", None)
+            return finish() if finish is not None else np.zeros(0, np.float32)
+        except Exception as e:  # noqa: BLE001
+            return e
 
 
 class LeftContextStream:
@@ -497,9 +542,8 @@ class OpenAIServingSpeech(GenerateBaseServing):
             (STREAM_FIRST_CHUNK_FRAMES, STREAM_CHUNK_FRAMES))
 
         async def decode_new(frames: np.ndarray) -> np.ndarray:
-            new = frames[sent_frames:]
-            audio = await self.worker.call(lambda: session.decode(new))
-            return change_tempo(np.asarray(audio, np.float32), speed, sr)
+            audio = await self.worker.stream(session, frames[sent_frames:])
+            return change_tempo(audio, speed, sr)
 
         frames = None
         async for out in self._generate(seg):
@@ -517,9 +561,7 @@ class OpenAIServingSpeech(GenerateBaseServing):
             yield audio
         # Optional: audio a session holds back (look-ahead, cross-fade)
         # until it knows that no frames follow.
-        finish = getattr(session, "finish", None)
-        if finish is not None:
-            audio = await self.worker.call(finish)
-            audio = change_tempo(np.asarray(audio, np.float32), speed, sr)
+        if getattr(session, "finish", None) is not None:
+            audio = change_tempo(await self.worker.stream(session, None), speed, sr)
             if audio.size:
                 yield audio

@@ -825,6 +825,37 @@ class CosyVoice2SpeechDecoder:
             self.t2w.stream(tokens, feat, emb, generator=self._generator())
         )
 
+    def decode_streams(
+        self,
+        sessions: list[CosyVoice2DecoderStream],
+        frames: list[np.ndarray | None],
+    ) -> list[np.ndarray | BaseException]:
+        """``decode`` (or ``finish``, where ``frames`` is None) on several
+        sessions at once, their ready chunks batched (``push_streams``).
+        Returns each session's audio, or the exception that stopped it."""
+        from vllm.model_executor.models.cosyvoice_token2wav import push_streams
+
+        out: list[np.ndarray | BaseException] = [
+            np.zeros(0, np.float32) for _ in sessions
+        ]
+        idx = [
+            i for i, (s, f) in enumerate(zip(sessions, frames))
+            if not (f is None and s.stream.finished)
+        ]
+        with torch.inference_mode():
+            results = push_streams(
+                [sessions[i].stream for i in idx],
+                [
+                    [] if frames[i] is None
+                    else np.asarray(frames[i]).reshape(-1).tolist()
+                    for i in idx
+                ],
+                [frames[i] is None for i in idx],
+            )
+        for i, r in zip(idx, results):
+            out[i] = r if isinstance(r, BaseException) else sessions[i]._cat(r)
+        return out
+
     def _generator(self) -> torch.Generator:
         """HiFT's excitation noise, seeded per utterance: the same tokens
         give the same audio (the original draws from the global RNG)."""

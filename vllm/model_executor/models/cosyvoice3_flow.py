@@ -41,6 +41,8 @@ from vllm.model_executor.models.cosyvoice_flow import (
     PreLookaheadLayer,
     _chunk_mask,
     _pad_mask,
+    flow_batch_conds,
+    flow_batch_inputs,
 )
 from vllm.model_executor.models.cosyvoice_hift import load_strict
 
@@ -571,54 +573,42 @@ class CausalMaskedDiffWithDiT(nn.Module):
         prompt_tokens: Sequence[torch.Tensor],
         prompt_feats: Sequence[torch.Tensor],
         embeddings: torch.Tensor,
+        streaming: bool = False,
+        finalize: bool = True,
     ) -> list[torch.Tensor]:
-        """Offline (``finalize=True``, non-streaming) flow for several
-        utterances at once, padded to the longest.
+        """:meth:`forward` for several utterances (or streaming chunks of
+        several sessions) at once, padded to the longest.
 
         tokens[i] [N_i], prompt_tokens[i] [P_i], prompt_feats[i] [2 P_i, 80],
-        embeddings [B, 192]. Returns mel [80, 2 N_i] per item, equal (up to
-        float rounding) to :meth:`forward` on each item alone: padded tokens
-        embed to zeros (what the look-ahead conv sees past the end anyway),
-        the DiT only looks left (position conv) or at unpadded frames
-        (attention), and the fixed noise of frame t does not depend on the
-        length.
+        embeddings [B, 192]. Returns the new mel [80, 2 N_i'] per item
+        (N_i' = N_i, minus the look-ahead with ``finalize=False``), equal (up
+        to float rounding) to :meth:`forward` on each item alone: padded
+        tokens embed to zeros (what the look-ahead conv sees past the end
+        anyway), the DiT only looks left (position conv) or at unpadded
+        frames (attention), and the fixed noise of frame t does not depend
+        on the length.
         """
-        b = len(tokens)
-        if not (len(prompt_tokens) == len(prompt_feats) == b == embeddings.shape[0]):
-            raise ValueError("flow.forward_batch: inconsistent batch sizes")
-        dev = self.input_embedding.weight.device
-        seqs = [
-            torch.cat([p.reshape(-1), t.reshape(-1)]).to(dev).long()
-            for p, t in zip(prompt_tokens, tokens)
-        ]
-        for s in seqs:
-            self._check_tokens(s)
-        lens = torch.tensor([len(x) for x in seqs], device=dev)
-        tok = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
-        valid = _pad_mask(lens, tok.shape[1]).transpose(1, 2)  # [B, L, 1]
-        x = self.input_embedding(tok.clamp(min=0)) * valid
+        fb = flow_batch_inputs(
+            self, tokens, prompt_tokens, prompt_feats, embeddings, finalize
+        )
         ratio = self.token_mel_ratio
-        h = self.pre_lookahead_layer(x).repeat_interleave(ratio, dim=1)
-        conds = torch.zeros(b, h.shape[1], self.output_size, device=dev, dtype=h.dtype)
-        starts = []
-        for i, pf in enumerate(prompt_feats):
-            pf = pf.reshape(-1, self.output_size).to(dev)
-            if pf.shape[0] > ratio * len(seqs[i]):
-                raise ValueError(
-                    f"flow: prompt mel of item {i} is longer than its tokens' frames"
-                )
-            conds[i, : pf.shape[0]] = pf
-            starts.append(pf.shape[0])
-        mask = _pad_mask(lens * ratio, h.shape[1]).to(h.dtype)
+        h = self.pre_lookahead_layer(fb.x).repeat_interleave(ratio, dim=1)
+        conds, starts = flow_batch_conds(
+            prompt_feats, fb.out_lens * ratio, h, self.output_size
+        )
+        mask = _pad_mask(fb.out_lens * ratio, h.shape[1]).to(h.dtype)
         feat = self.decoder(
             mu=h.transpose(1, 2).contiguous(),
             mask=mask,
-            spks=self._speaker(embeddings, dev),
+            spks=self._speaker(embeddings, h.device),
             cond=conds.transpose(1, 2),
             n_timesteps=self.config.n_timesteps,
-            streaming=False,
+            streaming=streaming,
         )
-        return [feat[i, :, starts[i] : ratio * len(seqs[i])] for i in range(b)]
+        return [
+            feat[i, :, starts[i] : ratio * int(fb.out_lens[i])]
+            for i in range(len(starts))
+        ]
 
 
 def load_flow3(

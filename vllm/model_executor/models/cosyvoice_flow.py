@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from vllm.logger import init_logger
 
+from vllm.logger import init_logger
 from vllm.model_executor.models.cosyvoice_hift import load_strict
 
 logger = init_logger(__name__)
@@ -319,11 +319,19 @@ class UpsampleConformerEncoder(nn.Module):
         xs_lens: torch.Tensor,
         context: torch.Tensor | None = None,
         streaming: bool = False,
+        input_lens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """xs [B, T, D] -> [B, T * stride, D]."""
+        """xs [B, T, D] -> [B, T * stride, D].
+
+        ``xs_lens``: frames per item that produce output. In a padded batch
+        of streaming chunks, ``input_lens`` (>= ``xs_lens``) also counts the
+        look-ahead frames that follow them in ``xs`` (the batched form of
+        ``context``).
+        """
         stride = self.cfg.upsample_stride
         chunk = self.cfg.static_chunk_size if streaming else 0
         valid = _pad_mask(xs_lens, xs.shape[1])
+        seen = valid if input_lens is None else _pad_mask(input_lens, xs.shape[1])
         xs, pos = self.embed(xs)
         if context is not None and context.shape[1] > 0:
             context = self.embed.out(context) * self.embed.xscale
@@ -331,7 +339,7 @@ class UpsampleConformerEncoder(nn.Module):
         # Zero padded frames so that, in a padded batch, the look-ahead conv
         # of a shorter item sees zeros past its end exactly as when it runs
         # alone (a no-op without padding).
-        xs = xs * valid.transpose(1, 2).to(xs.dtype)
+        xs = xs * seen.transpose(1, 2).to(xs.dtype)
         xs = self.pre_lookahead_layer(xs, context)
         for layer in self.encoders:
             xs = layer(xs, mask, pos)
@@ -694,6 +702,79 @@ class CausalConditionalCFM(nn.Module):
         return x.float()
 
 
+# ------------------------------------------------------- batched inputs --
+@dataclass
+class FlowBatch:
+    """Padded inputs of a batched flow call (both CosyVoice2 and 3).
+
+    ``lens``: prompt + new tokens per item; ``out_lens``: the tokens that
+    produce frames (``lens`` minus the look-ahead for a non-final chunk).
+    """
+
+    x: torch.Tensor  # [B, L, D] token embeddings, zero past each item's end
+    lens: torch.Tensor  # [B]
+    out_lens: torch.Tensor  # [B]
+
+
+def flow_batch_inputs(
+    flow: nn.Module,
+    tokens: Sequence[torch.Tensor],
+    prompt_tokens: Sequence[torch.Tensor],
+    prompt_feats: Sequence[torch.Tensor],
+    embeddings: torch.Tensor,
+    finalize: bool,
+) -> FlowBatch:
+    b = len(tokens)
+    if not (len(prompt_tokens) == len(prompt_feats) == b == embeddings.shape[0]):
+        raise ValueError("flow.forward_batch: inconsistent batch sizes")
+    dev = flow.input_embedding.weight.device
+    seqs = [
+        torch.cat([p.reshape(-1), t.reshape(-1)]).to(dev).long()
+        for p, t in zip(prompt_tokens, tokens)
+    ]
+    vocab = flow.input_embedding.num_embeddings
+    n_ctx = 0 if finalize else flow.pre_lookahead_len
+    for s in seqs:
+        if s.numel() and int(s.max()) >= vocab:
+            raise ValueError(
+                f"flow: speech token {int(s.max())} out of range [0, {vocab})"
+            )
+        if len(s) <= n_ctx:
+            raise ValueError(
+                f"flow: a non-final chunk needs more than {n_ctx} tokens "
+                f"(the last {n_ctx} are look-ahead), got {len(s)}"
+            )
+    lens = torch.tensor([len(x) for x in seqs], device=dev)
+    tok = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+    valid = _pad_mask(lens, tok.shape[1]).transpose(1, 2)  # [B, L, 1]
+    x = flow.input_embedding(tok.clamp(min=0)) * valid
+    return FlowBatch(x, lens, lens - n_ctx)
+
+
+def flow_batch_conds(
+    prompt_feats: Sequence[torch.Tensor],
+    out_frames: torch.Tensor,
+    h: torch.Tensor,
+    n_mels: int,
+) -> tuple[torch.Tensor, list[int]]:
+    """The prompt-mel conditioning [B, T, n_mels] of a padded batch and
+    where each item's new frames start."""
+    conds = torch.zeros(
+        h.shape[0], h.shape[1], n_mels, device=h.device, dtype=h.dtype
+    )
+    starts = []
+    for i, pf in enumerate(prompt_feats):
+        pf = pf.reshape(-1, n_mels).to(h.device)
+        if pf.shape[0] > int(out_frames[i]):
+            raise ValueError(
+                f"flow: prompt mel of item {i} ({pf.shape[0]} frames) is "
+                f"longer than its encoded tokens ({int(out_frames[i])} frames)"
+            )
+        conds[i, : pf.shape[0]] = pf
+        starts.append(pf.shape[0])
+    return conds, starts
+
+
 # -------------------------------------------------------------------- flow --
 class CausalMaskedDiffWithXvec(nn.Module):
     """CosyVoice2 flow: speech tokens (+ prompt) -> mel of the new tokens."""
@@ -784,44 +865,34 @@ class CausalMaskedDiffWithXvec(nn.Module):
         prompt_tokens: Sequence[torch.Tensor],
         prompt_feats: Sequence[torch.Tensor],
         embeddings: torch.Tensor,
+        streaming: bool = False,
+        finalize: bool = True,
     ) -> list[torch.Tensor]:
-        """Offline (``finalize=True``, non-streaming) flow for several
-        utterances at once, padded to the longest.
+        """:meth:`forward` for several utterances (or streaming chunks of
+        several sessions) at once, padded to the longest.
 
         tokens[i] [N_i], prompt_tokens[i] [P_i], prompt_feats[i] [2 P_i, 80],
-        embeddings [B, 192]. Returns mel [80, 2 N_i] per item, equal (up to
-        float rounding) to running :meth:`forward` on each item alone: every
-        op either masks padded frames or only looks left of them, and the
-        fixed noise of frame t does not depend on the length.
+        embeddings [B, 192]. Returns the new mel [80, 2 N_i'] per item
+        (N_i' = N_i, minus the look-ahead with ``finalize=False``), equal (up
+        to float rounding) to :meth:`forward` on each item alone: every op
+        either masks padded frames or only looks left of them, the
+        look-ahead conv sees zeros past an item's end as when it runs alone,
+        and the fixed noise of frame t does not depend on the length.
         """
-        b = len(tokens)
-        if not (len(prompt_tokens) == len(prompt_feats) == b == embeddings.shape[0]):
-            raise ValueError("flow.forward_batch: inconsistent batch sizes")
-        dev = self.input_embedding.weight.device
-        seqs = [
-            torch.cat([p.reshape(-1), t.reshape(-1)]).to(dev).long()
-            for p, t in zip(prompt_tokens, tokens)
-        ]
-        lens = torch.tensor([len(x) for x in seqs], device=dev)
-        tok = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
-        valid = _pad_mask(lens, tok.shape[1]).transpose(1, 2)  # [B, L, 1]
-        x = self.input_embedding(tok.clamp(min=0)) * valid
-        h = self.encoder(x, lens, streaming=False)
+        fb = flow_batch_inputs(
+            self, tokens, prompt_tokens, prompt_feats, embeddings, finalize
+        )
+        h = self.encoder(
+            fb.x, fb.out_lens, streaming=streaming, input_lens=fb.lens
+        )
         h = self.encoder_proj(h)
-        ratio = h.shape[1] // tok.shape[1]
-        conds = torch.zeros(b, h.shape[1], self.output_size, device=dev, dtype=h.dtype)
-        starts = []
-        for i, pf in enumerate(prompt_feats):
-            pf = pf.reshape(-1, self.output_size).to(dev)
-            if pf.shape[0] > ratio * len(seqs[i]):
-                raise ValueError(
-                    f"flow: prompt mel of item {i} is longer than its encoded tokens"
-                )
-            conds[i, : pf.shape[0]] = pf
-            starts.append(pf.shape[0])
-        mask = _pad_mask(lens * ratio, h.shape[1]).to(h.dtype)
+        ratio = h.shape[1] // fb.x.shape[1]
+        conds, starts = flow_batch_conds(
+            prompt_feats, fb.out_lens * ratio, h, self.output_size
+        )
+        mask = _pad_mask(fb.out_lens * ratio, h.shape[1]).to(h.dtype)
         spk = self.spk_embed_affine_layer(
-            F.normalize(embeddings.to(dev).float(), dim=1)
+            F.normalize(embeddings.to(h.device).float(), dim=1)
         )
         feat = self.decoder(
             mu=h.transpose(1, 2).contiguous(),
@@ -829,9 +900,12 @@ class CausalMaskedDiffWithXvec(nn.Module):
             spks=spk,
             cond=conds.transpose(1, 2),
             n_timesteps=self.config.n_timesteps,
-            streaming=False,
+            streaming=streaming,
         )
-        return [feat[i, :, starts[i] : ratio * len(seqs[i])] for i in range(b)]
+        return [
+            feat[i, :, starts[i] : ratio * int(fb.out_lens[i])]
+            for i in range(len(starts))
+        ]
 
 
 def load_flow(

@@ -548,6 +548,33 @@ class HiFTGenerator(nn.Module):
         ).transpose(1, 2)
         return self.m_source(f0, generator, phase_init, noise).transpose(1, 2)
 
+    def draw_excitation(
+        self,
+        frames: int,
+        generator: torch.Generator | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The random draws :meth:`forward` makes for one [1, 80, frames]
+        mel, in the same order from the same RNG: (phase_init [1, dim],
+        noise [1, frames * upsample, dim]). Lets a batch of utterances, each
+        with its own generator, be vocoded in one call with the audio each
+        would get alone."""
+        length = frames * self.upsample_factor
+        dim = self.m_source.l_sin_gen.dim
+        rng_dev = generator.device if generator is not None else device
+        phase = torch.rand(1, dim, generator=generator, device=rng_dev, dtype=dtype)
+        noise = (
+            torch.empty(1, dim, length, device=rng_dev, dtype=dtype)
+            .transpose(1, 2)
+            .normal_(generator=generator)
+        )
+        # the unused noise-branch draw of SourceModuleHnNSF.forward
+        torch.empty(1, length, 1, device=rng_dev, dtype=dtype).normal_(
+            generator=generator
+        )
+        return phase.to(device), noise.to(device)
+
     @torch.inference_mode()
     def forward(
         self,

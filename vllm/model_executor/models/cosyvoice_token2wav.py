@@ -24,7 +24,7 @@ import math
 import operator
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,6 +154,53 @@ class HiftCache:
     speech: torch.Tensor  # [1, source_cache_len]
 
 
+@dataclass
+class Token2WavJob:
+    """One ``token2wav`` call of a batch (:meth:`token2wav_batch`).
+
+    ``token`` [1, N]: every token of the utterance so far. Streaming chunks
+    (``finalize=False``) use the flow's chunk masks, the last chunk and
+    offline calls (``finalize=True``) do not, as in the original sessions.
+    """
+
+    token: torch.Tensor
+    prompt_token: torch.Tensor
+    prompt_feat: torch.Tensor
+    embedding: torch.Tensor
+    token_offset: int = 0
+    cache: Any = None
+    finalize: bool = True
+    generator: torch.Generator | None = None
+
+
+def _batched_flow(flow: nn.Module, jobs: list[Token2WavJob]) -> list[torch.Tensor]:
+    """The new mel [1, 80, T] of every job (past its ``token_offset``):
+    one padded flow pass per kind (streaming chunks, final chunks)."""
+    mels: list[torch.Tensor | None] = [None] * len(jobs)
+    for finalize in (False, True):
+        idx = [i for i, j in enumerate(jobs) if j.finalize == finalize]
+        if not idx:
+            continue
+        out = flow.forward_batch(
+            [jobs[i].token for i in idx],
+            [jobs[i].prompt_token for i in idx],
+            [jobs[i].prompt_feat for i in idx],
+            torch.cat([jobs[i].embedding.reshape(1, -1) for i in idx]),
+            streaming=not finalize,
+            finalize=finalize,
+        )
+        for i, mel in zip(idx, out):
+            mels[i] = mel[None, :, jobs[i].token_offset * flow.token_mel_ratio :]
+    return mels  # type: ignore[return-value]
+
+
+def _groups(keys: list[Any]) -> dict[Any, list[int]]:
+    out: dict[Any, list[int]] = {}
+    for i, k in enumerate(keys):
+        out.setdefault(k, []).append(i)
+    return out
+
+
 class CosyVoice2Token2Wav(nn.Module):
     """Speech tokens (25 Hz) -> waveform (24 kHz) with CosyVoice2's flow and
     HiFT, offline (:meth:`synthesize`) or streaming (:meth:`stream`)."""
@@ -260,29 +307,96 @@ class CosyVoice2Token2Wav(nn.Module):
             streaming=stream,
             finalize=finalize,
         )
-        mel = mel[:, :, token_offset * self.token_mel_ratio :]
-        cache_source = None
-        if cache is not None:
-            mel = torch.cat([cache.mel.to(mel), mel], dim=2)
-            cache_source = cache.source
-        if not finalize:
-            speech, source = self.hift(mel, cache_source, generator=generator)
-            if cache is not None:
-                speech = self._fade(speech, cache.speech)
-            new_cache = HiftCache(
-                mel[:, :, -self.mel_cache_len :],
-                source[:, :, -self.source_cache_len :],
-                speech[:, -self.source_cache_len :],
-            )
-            return speech[:, : -self.source_cache_len], new_cache
-        if speed != 1.0:
+        mel = self._with_cache(mel[:, :, token_offset * self.token_mel_ratio :], cache)
+        if finalize and speed != 1.0:
             if cache is not None:
                 raise ValueError("speed change is only supported offline")
             mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
-        speech, _ = self.hift(mel, cache_source, generator=generator)
+        cache_source = cache.source if cache is not None else None
+        speech, source = self.hift(mel, cache_source, generator=generator)
+        return self._finish_chunk(mel, speech, source, cache, finalize)
+
+    @staticmethod
+    def _with_cache(mel: torch.Tensor, cache: HiftCache | None) -> torch.Tensor:
+        """The chunk's mel after the previous chunk's cached frames."""
+        if cache is None:
+            return mel
+        return torch.cat([cache.mel.to(mel), mel], dim=2)
+
+    def _finish_chunk(
+        self,
+        mel: torch.Tensor,
+        speech: torch.Tensor,
+        source: torch.Tensor,
+        cache: HiftCache | None,
+        finalize: bool,
+    ) -> tuple[torch.Tensor, HiftCache | None]:
+        """Cross-fade with the previous chunk; a non-final chunk holds its
+        last ``source_cache_len`` samples back in the new cache."""
         if cache is not None:
             speech = self._fade(speech, cache.speech)
-        return speech, None
+        if finalize:
+            return speech, None
+        new_cache = HiftCache(
+            mel[:, :, -self.mel_cache_len :],
+            source[:, :, -self.source_cache_len :],
+            speech[:, -self.source_cache_len :],
+        )
+        return speech[:, : -self.source_cache_len], new_cache
+
+    @torch.inference_mode()
+    def token2wav_batch(
+        self, jobs: list[Token2WavJob]
+    ) -> list[tuple[torch.Tensor, HiftCache | None]]:
+        """:meth:`token2wav` for several sessions' chunks at once: one
+        padded flow pass per kind of chunk, then HiFT over the chunks of
+        equal length (every chunk after a session's first), each with the
+        random draws of its own generator. Each result equals the job's own
+        :meth:`token2wav` call (up to float rounding)."""
+        if len(jobs) == 1:
+            j = jobs[0]
+            return [
+                self.token2wav(
+                    j.token, j.prompt_token, j.prompt_feat, j.embedding,
+                    token_offset=j.token_offset, cache=j.cache,
+                    stream=not j.finalize, finalize=j.finalize,
+                    generator=j.generator,
+                )
+            ]
+        mels = [
+            self._with_cache(m, j.cache)
+            for m, j in zip(_batched_flow(self.flow, jobs), jobs)
+        ]
+        out: list[Any] = [None] * len(jobs)
+        keys = [
+            (m.shape[2], 0 if j.cache is None else j.cache.source.shape[2])
+            for m, j in zip(mels, jobs)
+        ]
+        for (frames, n_src), idx in _groups(keys).items():
+            mel = torch.cat([mels[i] for i in idx])
+            draws = [
+                self.hift.draw_excitation(
+                    frames, jobs[i].generator, mel.device, mel.dtype
+                )
+                for i in idx
+            ]
+            cache_source = (
+                torch.cat([jobs[i].cache.source.to(mel) for i in idx])
+                if n_src
+                else None
+            )
+            speech, source = self.hift(
+                mel,
+                cache_source,
+                phase_init=torch.cat([d[0] for d in draws]),
+                noise=torch.cat([d[1] for d in draws]),
+            )
+            for k, i in enumerate(idx):
+                out[i] = self._finish_chunk(
+                    mels[i], speech[k : k + 1], source[k : k + 1],
+                    jobs[i].cache, jobs[i].finalize,
+                )
+        return out
 
     def synthesize(
         self,
@@ -336,16 +450,20 @@ class Token2WavStream:
 
     ``push(tokens)`` appends generated tokens and returns the audio chunks
     that became ready; ``push([], final=True)`` (or ``finish()``) returns the
-    rest. Concatenating every chunk gives the utterance.
+    rest. Concatenating every chunk gives the utterance. A chunk is decoded
+    once ``hop`` tokens past the offset plus the look-ahead are there; the
+    first hop is ``token_hop_len`` plus the padding that aligns the prompt
+    to a multiple of it. :func:`push_streams` advances several sessions at
+    once, batching their chunks.
     """
 
     def __init__(
         self,
-        model: CosyVoice2Token2Wav,
+        model: "CosyVoice2Token2Wav | CosyVoice3Token2Wav",
         prompt_token: torch.Tensor,
         prompt_feat: torch.Tensor,
         embedding: torch.Tensor,
-        generator: torch.Generator | None,
+        generator: torch.Generator | None = None,
     ):
         self.model = model
         self.prompt_token = prompt_token
@@ -354,43 +472,44 @@ class Token2WavStream:
         self.generator = generator
         self.tokens: list[int] = []
         self.token_offset = 0
-        self.cache: HiftCache | None = None
+        self.hop_len = model.token_hop_len
+        self.cache: Any = None
         self.finished = False
         hop = model.token_hop_len
         p = prompt_token.shape[1]
         self.prompt_token_pad = math.ceil(p / hop) * hop - p
 
     def _hop(self) -> int:
-        hop = self.model.token_hop_len
-        return hop + self.prompt_token_pad if self.token_offset == 0 else hop
+        if self.token_offset == 0:
+            return self.hop_len + self.prompt_token_pad
+        return self.hop_len
 
-    def _decode(self, n: int, finalize: bool) -> torch.Tensor:
-        token = torch.tensor([self.tokens[:n]], dtype=torch.int32)
-        speech, self.cache = self.model.token2wav(
-            token,
+    def _grow_hop(self) -> None:
+        """After each chunk (CosyVoice2: the hop stays)."""
+
+    def _job(self, n: int, finalize: bool) -> Token2WavJob:
+        return Token2WavJob(
+            torch.tensor([self.tokens[:n]], dtype=torch.int32),
             self.prompt_token,
             self.prompt_feat,
             self.embedding,
             token_offset=self.token_offset,
             cache=self.cache,
-            stream=not finalize,
             finalize=finalize,
             generator=self.generator,
         )
-        return speech
 
-    def push(self, tokens: Any = (), final: bool = False) -> list[torch.Tensor]:
-        if self.finished:
-            raise RuntimeError("stream already finished")
-        self.tokens.extend(int(t) for t in tokens)
+    def _jobs(self, final: bool) -> Iterator[Token2WavJob]:
+        """The chunks that are ready, in order; the caller sets ``cache``
+        from each job's result before asking for the next."""
         look = self.model.pre_lookahead_len
-        out: list[torch.Tensor] = []
         while True:
             hop = self._hop()
             ready = len(self.tokens) - self.token_offset >= hop + look
             if ready:
-                out.append(self._decode(self.token_offset + hop + look, finalize=False))
+                yield self._job(self.token_offset + hop + look, finalize=False)
                 self.token_offset += hop
+                self._grow_hop()
             # Same stop test as the original's loop once the LLM has ended
             # (it uses the hop of the iteration that just ran).
             if final and len(self.tokens) - self.token_offset < hop + look:
@@ -398,12 +517,71 @@ class Token2WavStream:
             if not final and not ready:
                 break
         if final:
-            out.append(self._decode(len(self.tokens), finalize=True))
+            yield self._job(len(self.tokens), finalize=True)
             self.finished = True
+
+    def push(self, tokens: Any = (), final: bool = False) -> list[torch.Tensor]:
+        out = push_streams([self], [tokens], [final])[0]
+        if isinstance(out, BaseException):
+            raise out
         return out
 
     def finish(self) -> list[torch.Tensor]:
         return self.push((), final=True)
+
+
+def push_streams(
+    streams: Sequence[Token2WavStream],
+    tokens: Sequence[Any],
+    finals: Sequence[bool],
+) -> list[list[torch.Tensor] | BaseException]:
+    """``push`` on several sessions of one model, their ready chunks decoded
+    in batches (:meth:`token2wav_batch`: round k batches every session's
+    k-th ready chunk). Returns each session's chunks, or the exception that
+    stopped it: a failing batch is retried one session at a time, so one
+    bad session does not fail the others."""
+    if len({id(s) for s in streams}) != len(streams):
+        raise ValueError("push_streams: a session appears twice")
+    out: list[Any] = [[] for _ in streams]
+    gens: list[Iterator[Token2WavJob] | None] = []
+    for i, (s, t, f) in enumerate(zip(streams, tokens, finals)):
+        if s.finished:
+            out[i] = RuntimeError("stream already finished")
+            gens.append(None)
+            continue
+        if s.model is not streams[0].model:
+            raise ValueError("push_streams: sessions of different models")
+        s.tokens.extend(int(x) for x in t)
+        gens.append(s._jobs(f))
+
+    def advance(i: int) -> Token2WavJob | None:
+        gen = gens[i]
+        return next(gen, None) if gen is not None else None
+
+    def settle(i: int, result: Any) -> None:
+        speech, streams[i].cache = result
+        out[i].append(speech)
+
+    pending = {i: job for i in range(len(streams)) if (job := advance(i))}
+    while pending:
+        idx = list(pending)
+        try:
+            results = streams[idx[0]].model.token2wav_batch([pending[i] for i in idx])
+            for i, r in zip(idx, results):
+                settle(i, r)
+        except Exception as e:  # noqa: BLE001
+            if len(idx) == 1:
+                out[idx[0]] = e
+                gens[idx[0]] = None
+            else:
+                for i in idx:
+                    try:
+                        settle(i, streams[i].model.token2wav_batch([pending[i]])[0])
+                    except Exception as e:  # noqa: BLE001
+                        out[i] = e
+                        gens[i] = None
+        pending = {i: job for i in idx if (job := advance(i))}
+    return out
 
 
 # ------------------------------------------------------------ CosyVoice3 --
@@ -549,19 +727,64 @@ class CosyVoice3Token2Wav(nn.Module):
             finalize=finalize,
         )
         mel = mel[:, :, token_offset * self.token_mel_ratio :]
-        if cache is None:
-            cache = MelCache(mel)
-        else:
-            mel = torch.cat([cache.mel.to(mel), mel], dim=2)
-            cache.mel = mel
+        cache = self._append_mel(mel, cache)
+        mel = cache.mel
         if mel.shape[2] == 0:  # no tokens at all
             return mel.new_zeros(1, 0), cache
         if speed != 1.0:
             mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
         speech, _ = self.hift(mel, finalize=finalize)
+        return self._new_samples(speech, cache)
+
+    @staticmethod
+    def _append_mel(mel: torch.Tensor, cache: MelCache | None) -> MelCache:
+        """The session's mel so far (a new cache; the old one is kept)."""
+        if cache is None:
+            return MelCache(mel)
+        return MelCache(torch.cat([cache.mel.to(mel), mel], dim=2), cache.speech_offset)
+
+    @staticmethod
+    def _new_samples(
+        speech: torch.Tensor, cache: MelCache
+    ) -> tuple[torch.Tensor, MelCache]:
+        """The samples past those already returned, and the cache after."""
         speech = speech[:, cache.speech_offset :]
-        cache.speech_offset += speech.shape[1]
-        return speech, cache
+        return speech, MelCache(cache.mel, cache.speech_offset + speech.shape[1])
+
+    @torch.inference_mode()
+    def token2wav_batch(
+        self, jobs: list[Token2WavJob]
+    ) -> list[tuple[torch.Tensor, MelCache]]:
+        """:meth:`token2wav` for several sessions' chunks at once: one
+        padded flow pass per kind of chunk, then the causal HiFT over the
+        sessions whose mel so far has the same length. Each result equals
+        the job's own :meth:`token2wav` call (up to float rounding)."""
+        if len(jobs) == 1:
+            j = jobs[0]
+            return [
+                self.token2wav(
+                    j.token, j.prompt_token, j.prompt_feat, j.embedding,
+                    token_offset=j.token_offset, cache=j.cache,
+                    stream=not j.finalize, finalize=j.finalize,
+                )
+            ]
+        caches = [
+            self._append_mel(m, j.cache)
+            for m, j in zip(_batched_flow(self.flow, jobs), jobs)
+        ]
+        out: list[Any] = [None] * len(jobs)
+        keys = [(c.mel.shape[2], j.finalize) for c, j in zip(caches, jobs)]
+        for (frames, finalize), idx in _groups(keys).items():
+            if frames == 0:
+                for i in idx:
+                    out[i] = (caches[i].mel.new_zeros(1, 0), caches[i])
+                continue
+            speech, _ = self.hift(
+                torch.cat([caches[i].mel for i in idx]), finalize=finalize
+            )
+            for k, i in enumerate(idx):
+                out[i] = self._new_samples(speech[k : k + 1], caches[i])
+        return out
 
     def synthesize(
         self,
@@ -604,86 +827,16 @@ class CosyVoice3Token2Wav(nn.Module):
         return CosyVoice3Token2WavStream(self, prompt_token, prompt_feat, embedding)
 
 
-class CosyVoice3Token2WavStream:
+class CosyVoice3Token2WavStream(Token2WavStream):
     """Chunked token2wav session, as ``CosyVoice3Model.tts(stream=True)``
-    (the loop of ``CosyVoice2Model.tts``).
-
-    A chunk is decoded once ``hop`` tokens past the offset plus the
-    look-ahead are there; the first hop is ``token_hop_len`` plus the
-    padding that aligns the prompt to a multiple of it, and after each
-    chunk the hop grows ``x stream_scale_factor`` up to
-    ``token_max_hop_len``. (The original keeps that growth on the model
-    object, so only its first session starts from 25; here every session
-    does.) ``push(tokens)`` returns the audio chunks that became ready,
-    ``push([], final=True)`` / ``finish()`` the rest; the chunks
-    concatenate to the utterance.
+    (the loop of ``CosyVoice2Model.tts``): after each chunk the hop grows
+    ``x stream_scale_factor`` up to ``token_max_hop_len``. (The original
+    keeps that growth on the model object, so only its first session
+    starts from 25; here every session does.)
     """
 
-    def __init__(
-        self,
-        model: CosyVoice3Token2Wav,
-        prompt_token: torch.Tensor,
-        prompt_feat: torch.Tensor,
-        embedding: torch.Tensor,
-    ):
-        self.model = model
-        self.prompt_token = prompt_token
-        self.prompt_feat = prompt_feat
-        self.embedding = embedding
-        self.tokens: list[int] = []
-        self.token_offset = 0
-        self.hop_len = model.token_hop_len
-        self.cache: MelCache | None = None
-        self.finished = False
-        p = prompt_token.shape[1]
-        hop = model.token_hop_len
-        self.prompt_token_pad = math.ceil(p / hop) * hop - p
-
-    def _hop(self) -> int:
-        if self.token_offset == 0:
-            return self.hop_len + self.prompt_token_pad
-        return self.hop_len
-
-    def _decode(self, n: int, finalize: bool) -> torch.Tensor:
-        token = torch.tensor([self.tokens[:n]], dtype=torch.int32)
-        speech, self.cache = self.model.token2wav(
-            token,
-            self.prompt_token,
-            self.prompt_feat,
-            self.embedding,
-            token_offset=self.token_offset,
-            cache=self.cache,
-            stream=not finalize,
-            finalize=finalize,
+    def _grow_hop(self) -> None:
+        self.hop_len = min(
+            self.model.token_max_hop_len,
+            self.hop_len * self.model.stream_scale_factor,
         )
-        return speech
-
-    def push(self, tokens: Any = (), final: bool = False) -> list[torch.Tensor]:
-        if self.finished:
-            raise RuntimeError("stream already finished")
-        self.tokens.extend(int(t) for t in tokens)
-        look = self.model.pre_lookahead_len
-        out: list[torch.Tensor] = []
-        while True:
-            hop = self._hop()
-            ready = len(self.tokens) - self.token_offset >= hop + look
-            if ready:
-                out.append(self._decode(self.token_offset + hop + look, finalize=False))
-                self.token_offset += hop
-                self.hop_len = min(
-                    self.model.token_max_hop_len,
-                    self.hop_len * self.model.stream_scale_factor,
-                )
-            # The original's stop test once the LLM has ended (with the hop
-            # of the iteration that just ran).
-            if final and len(self.tokens) - self.token_offset < hop + look:
-                break
-            if not final and not ready:
-                break
-        if final:
-            out.append(self._decode(len(self.tokens), finalize=True))
-            self.finished = True
-        return out
-
-    def finish(self) -> list[torch.Tensor]:
-        return self.push((), final=True)
