@@ -280,7 +280,9 @@ def _random_(name: str, p: torch.Tensor, gen: torch.Generator, gain: float) -> N
     """The rules of tools/make_fireredasr_checkpoint.py, drawn on p's device:
     norms 1 + 0.1 N, other vectors 0.02 N, LoRA 0.5 N / sqrt(fan_in),
     matrices gain N / sqrt(fan_in)."""
-    noise = torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
+    noise = torch.randn(
+        p.shape, generator=gen, device=gen.device, dtype=torch.float32
+    ).to(p.device)
     if "lora_" in name:
         noise *= 0.5 * p.shape[-1] ** -0.5
     elif p.dim() == 1 and "norm" in name:
