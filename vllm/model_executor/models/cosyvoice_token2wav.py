@@ -172,6 +172,15 @@ class Token2WavJob:
     finalize: bool = True
     generator: torch.Generator | None = None
 
+    def run_alone(self, model: nn.Module) -> tuple[torch.Tensor, Any]:
+        """This chunk through ``model.token2wav`` (the unbatched path)."""
+        return model.token2wav(
+            self.token, self.prompt_token, self.prompt_feat, self.embedding,
+            token_offset=self.token_offset, cache=self.cache,
+            stream=not self.finalize, finalize=self.finalize,
+            generator=self.generator,
+        )
+
 
 def _batched_flow(flow: nn.Module, jobs: list[Token2WavJob]) -> list[torch.Tensor]:
     """The new mel [1, 80, T] of every job (past its ``token_offset``):
@@ -354,15 +363,7 @@ class CosyVoice2Token2Wav(nn.Module):
         random draws of its own generator. Each result equals the job's own
         :meth:`token2wav` call (up to float rounding)."""
         if len(jobs) == 1:
-            j = jobs[0]
-            return [
-                self.token2wav(
-                    j.token, j.prompt_token, j.prompt_feat, j.embedding,
-                    token_offset=j.token_offset, cache=j.cache,
-                    stream=not j.finalize, finalize=j.finalize,
-                    generator=j.generator,
-                )
-            ]
+            return [jobs[0].run_alone(self)]
         mels = [
             self._with_cache(m, j.cache)
             for m, j in zip(_batched_flow(self.flow, jobs), jobs)
@@ -760,14 +761,7 @@ class CosyVoice3Token2Wav(nn.Module):
         sessions whose mel so far has the same length. Each result equals
         the job's own :meth:`token2wav` call (up to float rounding)."""
         if len(jobs) == 1:
-            j = jobs[0]
-            return [
-                self.token2wav(
-                    j.token, j.prompt_token, j.prompt_feat, j.embedding,
-                    token_offset=j.token_offset, cache=j.cache,
-                    stream=not j.finalize, finalize=j.finalize,
-                )
-            ]
+            return [jobs[0].run_alone(self)]
         caches = [
             self._append_mel(m, j.cache)
             for m, j in zip(_batched_flow(self.flow, jobs), jobs)
