@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
-"""CosyVoice2 / CosyVoice3 end to end: vLLM against the original PyTorch pipeline, same run.
+"""CosyVoice2 / CosyVoice3 end to end: vLLM vs the original PyTorch pipeline.
 
 ``--model cosyvoice2`` (default): vLLM's ``CosyVoice2ForCausalLM`` + the
 flow/HiFT decoder against cosyvoice-minicpmo (``Qwen2LM`` on HF transformers
@@ -25,8 +25,11 @@ max length; CosyVoice3 can still end early on a stop id other than sos, as
 its original does), with the zero-shot speaker ``spk_a`` of the directory's
 ``spk2info.pt``, so the work is the same. vLLM side: an in-process
 ``AsyncLLM`` and the API server's own decode worker (``DecodeWorker``, one
-thread, batching) and streaming sessions, fed as ``/v1/audio/speech`` feeds
-them (the decoder's ``stream_chunk_frames``). Original side: one shared
+thread; streaming sessions served in rounds of one batched chunk each),
+fed as ``/v1/audio/speech`` feeds them (the decoder's
+``stream_chunk_frames``); each level reports the rounds and the chunks per
+round. The decoder's fp32 matmuls follow ``VLLM_FLOAT32_MATMUL_PRECISION``
+as the server's do (``high``: TF32). Original side: one shared
 model object called from ``c`` threads (``tts(stream=True)``, its LLM in a
 thread per request, as its servers do); the ``lm`` pass runs its
 ``llm_job``. CosyVoice3's original keeps the growing stream hop (25 -> 50 ->
@@ -129,6 +132,28 @@ def _summary(reqs: list[dict], wall: float, sr: int) -> dict:
             rtf_aggregate=round(wall / max(audio_s, 1e-9), 4),
         )
     return out
+
+
+def _sizes(sizes: list[int]) -> dict:
+    """Calls and their mean / largest batch."""
+    return {
+        "calls": len(sizes),
+        "mean_batch": round(statistics.mean(sizes), 2) if sizes else 0,
+        "max_batch": max(sizes, default=0),
+    }
+
+
+def _trace_token2wav_batch(t2w: Any) -> list[int]:
+    """Sizes of the token2wav_batch calls (decoded chunks per round)."""
+    sizes: list[int] = []
+    inner = t2w.token2wav_batch
+
+    def traced(jobs):
+        sizes.append(len(jobs))
+        return inner(jobs)
+
+    t2w.token2wav_batch = traced
+    return sizes
 
 
 def _n_requests(args, c: int) -> int:
@@ -248,17 +273,17 @@ async def _vllm_run(args, model_dir: Path, budget: Budget, dump) -> dict:
     )
     sp.min_tokens = sp.max_tokens = args.tokens
     counter = [0]
-    # as /v1/audio/speech: DecodeWorker.stream (one queue for every
-    # session's chunks, batched when the decoder has decode_streams) where
-    # the worker has it, else each chunk as its own worker call
-    batched_streams = hasattr(worker, "stream")
+    # as /v1/audio/speech: DecodeWorker.stream (sessions served in rounds,
+    # one batched decode_streams call per round)
+    rounds: list[int] = []
+    inner = decoder.decode_streams
 
-    async def chunk(session, frames) -> Any:
-        if batched_streams:
-            return await worker.stream(session, frames)
-        if frames is None:
-            return await worker.call(session.finish)
-        return await worker.call(lambda: session.decode(frames))
+    def traced(sessions, frames):
+        rounds.append(len(sessions))
+        return inner(sessions, frames)
+
+    decoder.decode_streams = traced
+    chunk_sizes = _trace_token2wav_batch(decoder.t2w)
 
     async def lm_only() -> dict:
         counter[0] += 1
@@ -277,13 +302,13 @@ async def _vllm_run(args, model_dir: Path, budget: Budget, dump) -> dict:
             n = len(frames)
             need = first_chunk if sent == 0 else next_chunk
             if n - sent >= need or (out.finished and n > sent):
-                audio = await chunk(session, frames[sent:])
-                sent = n
-                if audio.size and ttfa is None:
-                    ttfa = time.monotonic() - t
-                samples += audio.size
-        audio = await chunk(session, None)
-        samples += audio.size
+                new, sent = frames[sent:], n
+                async for audio in worker.stream(session, new):
+                    if audio.size and ttfa is None:
+                        ttfa = time.monotonic() - t
+                    samples += audio.size
+        async for audio in worker.stream(session, None):
+            samples += audio.size
         if ttfa is None:
             ttfa = time.monotonic() - t
         return {
@@ -300,9 +325,14 @@ async def _vllm_run(args, model_dir: Path, budget: Budget, dump) -> dict:
             async with sem:
                 return await fn()
 
+        del rounds[:], chunk_sizes[:]
         t = time.monotonic()
         reqs = await asyncio.gather(*[one() for _ in range(_n_requests(args, c))])
-        return _summary(list(reqs), time.monotonic() - t, sr)
+        out = _summary(list(reqs), time.monotonic() - t, sr)
+        if rounds:
+            out["decode_rounds"] = _sizes(rounds)
+            out["decoded_chunks"] = _sizes(chunk_sizes)
+        return out
 
     # warm-up with the timed sampling parameters
     t0 = time.monotonic()
@@ -310,12 +340,7 @@ async def _vllm_run(args, model_dir: Path, budget: Budget, dump) -> dict:
     res: dict = {
         "engine_ready_s": round(ready_s, 2),
         "warmup_s": round(time.monotonic() - t0, 2),
-        "stream_decode": (
-            "DecodeWorker.stream"
-            + (" (decode_streams)" if hasattr(decoder, "decode_streams") else "")
-            if batched_streams
-            else "DecodeWorker.call per chunk"
-        ),
+        "stream_decode": "DecodeWorker.stream rounds (decode_streams)",
         "lm": {},
         "tts": {},
     }

@@ -840,3 +840,90 @@ def test_flow_batch_streaming_chunks(stream_models):
         want = ours.flow(token, pt, pf, emb, streaming=True, finalize=False)
         assert g.shape == want[0].shape
         assert rel_err(g, want[0]) < 1e-3
+
+
+def test_decode_worker_streams_in_rounds(stream_models):
+    """The API server's decode worker serves streaming sessions in rounds:
+    a session that brings all its tokens at once gets its chunks one per
+    round (each sent as soon as it is decoded) and shares the rounds with
+    a session that starts later and brings tokens piecemeal; every session
+    still gets the original's chunks. A failing session fails alone, and
+    a session whose reader goes away is dropped."""
+    import asyncio
+    from contextlib import aclosing
+
+    import numpy as np
+
+    from vllm.entrypoints.text_to_speech.serving import DecodeWorker
+    from vllm.model_executor.models.cosyvoice2 import (
+        CosyVoice2DecoderStream,
+        CosyVoice2SpeechDecoder,
+    )
+
+    class Decoder:  # the round logic of CosyVoice2SpeechDecoder, no release dir
+        decode_streams = CosyVoice2SpeechDecoder.decode_streams
+
+    ref, ours = stream_models
+    cases = [(10, 100, 91), (0, 70, 92)]
+    items = [_flow_inputs(p, n, seed) for p, n, seed in cases]
+
+    def session(i: int, seed: int | None = None) -> CosyVoice2DecoderStream:
+        _, pt, pf, emb = items[i]
+        g = torch.Generator().manual_seed(cases[i][2] if seed is None else seed)
+        return CosyVoice2DecoderStream(ours.stream(pt, pf, emb, generator=g))
+
+    rounds: list[list[int]] = []
+    inner = Decoder.decode_streams
+
+    def spy(self, sessions, frames):
+        rounds.append([id(s) for s in sessions])
+        return inner(self, sessions, frames)
+
+    Decoder.decode_streams = spy
+    sizes = _record_batches(ours)
+    worker = DecodeWorker(Decoder())
+    toks = [np.asarray(t[0][0]) for t in items]
+
+    async def drain(s, frames) -> list[np.ndarray]:
+        return [c async for c in worker.stream(s, frames)]
+
+    async def run():
+        a, b = session(0), session(1)
+        # a: every token at once (three chunks + the rest at finish)
+        a_task = asyncio.ensure_future(drain(a, toks[0]))
+        got_b: list[np.ndarray] = []
+        await asyncio.sleep(0)
+        for i in range(0, 70, 30):  # b: piecemeal, while a is decoding
+            got_b += await drain(b, toks[1][i : i + 30])
+        got_a = await a_task
+        got_a += await drain(a, None)
+        got_b += await drain(b, None)
+
+        bad = session(0, seed=0)
+        with pytest.raises(Exception, match="out of range"):
+            await drain(bad, np.full(60, VOCAB + 5))
+        # a reader that leaves after the first chunk: the rest is dropped
+        gone = session(0, seed=1)
+        async with aclosing(worker.stream(gone, toks[0])) as it:
+            async for _ in it:
+                break
+        await drain(session(1), toks[1][:5])  # a round after the drop
+        return a, got_a, got_b, gone
+
+    try:
+        a, got_a, got_b, gone = asyncio.run(run())
+    finally:
+        del ours.token2wav_batch
+        Decoder.decode_streams = inner
+    assert max(sizes) >= 2, sizes  # a and b shared rounds
+    # one chunk of a per round: a was in a round per chunk it got
+    assert sum(id(a) in r for r in rounds) >= 4
+    # a's three chunks end at 40 (hop + prompt padding), 65, 90: the one
+    # read and at most the round that was running when the reader left
+    assert gone.stream.token_offset <= 65
+    for (token, pt, pf, emb), (_, _, seed), got in zip(items, cases, (got_a, got_b)):
+        torch.manual_seed(seed)
+        want = _ref_tts(ref, token, pt, pf, emb, stream=True)
+        assert [c.size for c in got] == [c.numel() for c in want]
+        for x, y in zip(got, want):
+            assert rel_err(torch.from_numpy(x), y.reshape(-1)) < 1e-3

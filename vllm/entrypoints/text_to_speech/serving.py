@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from functools import cached_property
 from http import HTTPStatus
@@ -27,7 +28,12 @@ import numpy as np
 import torch
 from fastapi import Request
 
-from vllm.config.text_to_speech import TextToSpeechConfig, TextToSpeechParams, VoicePrompt
+import vllm.envs as envs
+from vllm.config.text_to_speech import (
+    TextToSpeechConfig,
+    TextToSpeechParams,
+    VoicePrompt,
+)
 from vllm.engine.protocol import EngineClient
 from vllm.entrypoints.generate.base.serving import GenerateBaseServing
 from vllm.entrypoints.openai.engine.protocol import ErrorResponse
@@ -68,16 +74,52 @@ STREAM_FIRST_CHUNK_FRAMES = 8
 STREAM_CHUNK_FRAMES = 32
 
 
+_STREAM_END = object()
+
+
+class _StreamCall:
+    """One ``DecodeWorker.stream`` call: a session, the frames it brought
+    (None: finish), and the queue its audio chunks go back through."""
+
+    def __init__(self, session: Any, frames: np.ndarray | None,
+                 loop: asyncio.AbstractEventLoop):
+        self.session = session
+        self.frames = frames
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self._taken = False
+
+    def take(self) -> np.ndarray | None:
+        """The frames for this round: the call's own the first time, none
+        (but the same finish flag) after that."""
+        if self._taken and self.frames is not None:
+            return self.frames[:0]
+        self._taken = True
+        return self.frames
+
+    def send(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
 class DecodeWorker:
     """Runs a ``SpeechDecoder`` on one thread, batching concurrent jobs.
 
     Decoders are not assumed thread-safe: every call (decode and reference
-    encoding) goes through this single thread.
+    encoding) goes through this single thread. Streaming sessions are
+    served in rounds, as the engine schedules requests: a round advances
+    every session with work by one chunk, in one ``decode_streams`` call
+    when the decoder has it, so sessions that start at different times or
+    bring many frames at once still share batches, and each chunk goes out
+    as soon as its round is done.
     """
 
     def __init__(self, decoder: SpeechDecoder, max_batch: int = 16):
         self.decoder = decoder
         self.max_batch = max_batch
+        # The decoder's float32 matmuls follow the engine's setting
+        # (VLLM_FLOAT32_MATMUL_PRECISION; "high": TF32 on GPUs).
+        torch.set_float32_matmul_precision(envs.VLLM_FLOAT32_MATMUL_PRECISION)
         self._jobs: queue.Queue = queue.Queue()
         self._thread = threading.Thread(
             target=self._loop, name="speech-decode", daemon=True)
@@ -90,14 +132,23 @@ class DecodeWorker:
         self._jobs.put(("decode", (frames, voice), fut, loop))
         return await fut
 
-    async def stream(self, session: Any, frames: np.ndarray | None) -> np.ndarray:
-        """``session.decode(frames)``, or ``session.finish()`` when
-        ``frames`` is None. Decoders with ``decode_streams`` get the
-        sessions' queued calls batched into one."""
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._jobs.put(("stream", (session, frames), fut, loop))
-        return await fut
+    async def stream(self, session: Any,
+                     frames: np.ndarray | None) -> AsyncGenerator[np.ndarray, None]:
+        """The audio chunks of ``session.decode(frames)`` (of
+        ``session.finish()`` when ``frames`` is None), each as soon as it
+        is decoded. One call per session at a time."""
+        call = _StreamCall(session, frames, asyncio.get_running_loop())
+        self._jobs.put(("stream", call, None, None))
+        try:
+            while True:
+                item = await call.queue.get()
+                if item is _STREAM_END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            call.cancelled = True  # the worker drops what is left
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         loop = asyncio.get_running_loop()
@@ -135,29 +186,29 @@ class DecodeWorker:
         loop.call_soon_threadsafe(set_)
 
     def _loop(self) -> None:
+        streams: list[_StreamCall] = []
         while True:
-            job = self._jobs.get()
-            batches: dict[str, list] = {"decode": [], "stream": []}
-            if job[0] in batches:
-                batches[job[0]].append(job)
-            else:
-                self._run_one(job)
-            # Gather the decode (and stream) jobs queued meanwhile into one
-            # batch each; a session has at most one call in flight.
-            while any(batches.values()) and max(
-                    len(b) for b in batches.values()) < self.max_batch:
+            # Take what is queued (waiting only when no session has work):
+            # other jobs run at once, decodes are batched, stream calls
+            # join the sessions of the next round.
+            decodes: list = []
+            block = not streams
+            while len(decodes) < self.max_batch:
                 try:
-                    nxt = self._jobs.get_nowait()
+                    job = self._jobs.get() if block else self._jobs.get_nowait()
                 except queue.Empty:
                     break
-                if nxt[0] in batches:
-                    batches[nxt[0]].append(nxt)
+                block = False
+                if job[0] == "decode":
+                    decodes.append(job)
+                elif job[0] == "stream":
+                    streams.append(job[1])
                 else:
-                    self._run_one(nxt)
-            if batches["decode"]:
-                self._run_batch(batches["decode"])
-            if batches["stream"]:
-                self._run_streams(batches["stream"])
+                    self._run_one(job)
+            if decodes:
+                self._run_batch(decodes)
+            if streams:
+                streams = self._stream_round(streams)
 
     def _run_one(self, job) -> None:
         kind, fn, fut, loop = job
@@ -181,25 +232,34 @@ class DecodeWorker:
             for _, _, fut, loop in batch:
                 self._resolve(fut, loop, exc=e)
 
-
-    def _run_streams(self, batch) -> None:
-        sessions = [j[1][0] for j in batch]
-        frames = [j[1][1] for j in batch]
+    def _stream_round(self, streams: list[_StreamCall]) -> list[_StreamCall]:
+        """One round over (at most ``max_batch`` of) the sessions; returns
+        the calls still to serve, those left out of this round first."""
+        streams = [c for c in streams if not c.cancelled]
+        batch, rest = streams[:self.max_batch], streams[self.max_batch:]
         batched = getattr(self.decoder, "decode_streams", None)
-        try:
-            with torch.inference_mode():
-                if batched is not None:
-                    outs = batched(sessions, frames)
-                else:
-                    outs = [self._stream_one(s, f) for s, f in zip(sessions, frames)]
-        except Exception as e:  # noqa: BLE001
-            logger.exception("speech decoder failed")
-            outs = [e] * len(batch)
-        for (_, _, fut, loop), out in zip(batch, outs):
+        if batched is None:  # a whole call per session
+            outs = [self._stream_one(c.session, c.take()) for c in batch]
+        else:
+            try:
+                with torch.inference_mode():
+                    outs = batched([c.session for c in batch],
+                                   [c.take() for c in batch])
+            except Exception as e:  # noqa: BLE001
+                logger.exception("speech decoder failed")
+                outs = [e] * len(batch)
+        for c, out in zip(batch, outs):
             if isinstance(out, BaseException):
-                self._resolve(fut, loop, exc=out)
+                c.send(out)
+                continue
+            audio = np.asarray(out, dtype=np.float32)
+            if audio.size:
+                c.send(audio)
+            if batched is not None and getattr(c.session, "has_work", False):
+                rest.append(c)
             else:
-                self._resolve(fut, loop, value=np.asarray(out, dtype=np.float32))
+                c.send(_STREAM_END)
+        return rest
 
     @staticmethod
     def _stream_one(session: Any, frames: np.ndarray | None) -> Any:
@@ -278,7 +338,8 @@ class OpenAIServingSpeech(GenerateBaseServing):
         self.allowed_media_dir = self.model_config.allowed_local_media_path or None
         self.voices: VoiceStore | None = None
         if voices_dir:
-            self.voices = VoiceStore(voices_dir, self.ref_sample_rate, self._encode_sync)
+            self.voices = VoiceStore(
+                voices_dir, self.ref_sample_rate, self._encode_sync)
         logger.info("Speech generation ready: %d Hz, decoder on %s, voices in %s",
                     self.tts_config.sample_rate, device, voices_dir or "(none)")
 
@@ -541,27 +602,29 @@ class OpenAIServingSpeech(GenerateBaseServing):
             self.decoder, "stream_chunk_frames",
             (STREAM_FIRST_CHUNK_FRAMES, STREAM_CHUNK_FRAMES))
 
-        async def decode_new(frames: np.ndarray) -> np.ndarray:
-            audio = await self.worker.stream(session, frames[sent_frames:])
-            return change_tempo(audio, speed, sr)
+        async def chunks(new: np.ndarray | None) -> AsyncGenerator[np.ndarray, None]:
+            async with aclosing(self.worker.stream(session, new)) as decoded:
+                async for audio in decoded:
+                    audio = change_tempo(audio, speed, sr)
+                    if audio.size:
+                        yield audio
 
         frames = None
         async for out in self._generate(seg):
             frames = self._frames(out)
             target = first_chunk if sent_frames == 0 else next_chunk
             if len(frames) - sent_frames >= target and not out.finished:
-                audio = await decode_new(frames)
-                sent["frames"] += len(frames) - sent_frames
-                sent_frames = len(frames)
-                yield audio
+                new, sent_frames = frames[sent_frames:], len(frames)
+                sent["frames"] += len(new)
+                async for audio in chunks(new):
+                    yield audio
         if frames is not None and len(frames) > sent_frames:
-            audio = await decode_new(frames)
-            sent["frames"] += len(frames) - sent_frames
-            sent_frames = len(frames)
-            yield audio
+            new, sent_frames = frames[sent_frames:], len(frames)
+            sent["frames"] += len(new)
+            async for audio in chunks(new):
+                yield audio
         # Optional: audio a session holds back (look-ahead, cross-fade)
         # until it knows that no frames follow.
         if getattr(session, "finish", None) is not None:
-            audio = change_tempo(await self.worker.stream(session, None), speed, sr)
-            if audio.size:
+            async for audio in chunks(None):
                 yield audio

@@ -830,14 +830,19 @@ class CosyVoice2SpeechDecoder:
         sessions: list[CosyVoice2DecoderStream],
         frames: list[np.ndarray | None],
     ) -> list[np.ndarray | BaseException]:
-        """``decode`` (or ``finish``, where ``frames`` is None) on several
-        sessions at once, their ready chunks batched (``push_streams``).
-        Returns each session's audio, or the exception that stopped it."""
+        """One round of ``decode`` (or ``finish``, where ``frames`` is None)
+        on several sessions: each gets its frames and decodes at most one
+        chunk, the chunks batched (``push_streams``); a session with more
+        ready chunks says so in ``has_work`` and is called again (with no
+        new frames). Returns each session's audio, or the exception that
+        stopped it."""
         from vllm.model_executor.models.cosyvoice_token2wav import push_streams
 
         out: list[np.ndarray | BaseException] = [
             np.zeros(0, np.float32) for _ in sessions
         ]
+        for s, f in zip(sessions, frames):
+            s.finishing = s.finishing or f is None
         idx = [
             i for i, (s, f) in enumerate(zip(sessions, frames))
             if not (f is None and s.stream.finished)
@@ -851,9 +856,14 @@ class CosyVoice2SpeechDecoder:
                     for i in idx
                 ],
                 [frames[i] is None for i in idx],
+                max_rounds=1,
             )
         for i, r in zip(idx, results):
-            out[i] = r if isinstance(r, BaseException) else sessions[i]._cat(r)
+            if isinstance(r, BaseException):
+                sessions[i].failed = True
+                out[i] = r
+            else:
+                out[i] = sessions[i]._cat(r)
         return out
 
     def _generator(self) -> torch.Generator:
@@ -878,6 +888,13 @@ class CosyVoice2DecoderStream:
 
     def __init__(self, stream: Any):
         self.stream = stream
+        self.finishing = False  # finish was asked for (decode_streams)
+        self.failed = False
+
+    @property
+    def has_work(self) -> bool:
+        """``decode_streams`` left chunks to decode (it does one per call)."""
+        return not self.failed and self.stream.has_work(self.finishing)
 
     @staticmethod
     def _cat(chunks: list[torch.Tensor]) -> np.ndarray:

@@ -24,7 +24,7 @@ import math
 import operator
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -500,26 +500,42 @@ class Token2WavStream:
             generator=self.generator,
         )
 
-    def _jobs(self, final: bool) -> Iterator[Token2WavJob]:
-        """The chunks that are ready, in order; the caller sets ``cache``
-        from each job's result before asking for the next."""
-        look = self.model.pre_lookahead_len
-        while True:
-            hop = self._hop()
-            ready = len(self.tokens) - self.token_offset >= hop + look
-            if ready:
-                yield self._job(self.token_offset + hop + look, finalize=False)
-                self.token_offset += hop
-                self._grow_hop()
-            # Same stop test as the original's loop once the LLM has ended
-            # (it uses the hop of the iteration that just ran).
-            if final and len(self.tokens) - self.token_offset < hop + look:
-                break
-            if not final and not ready:
-                break
+    def _ready(self) -> bool:
+        """A streaming chunk can be decoded: a hop past the offset plus the
+        look-ahead are there."""
+        need = self._hop() + self.model.pre_lookahead_len
+        return len(self.tokens) - self.token_offset >= need
+
+    def has_work(self, final: bool) -> bool:
+        """:meth:`next_job` would give a chunk."""
+        return not self.finished and (self._ready() or final)
+
+    def next_job(self, final: bool) -> Token2WavJob | None:
+        """The next chunk to decode, or None. Once the LLM has ended
+        (``final``) the ready hops go first, then the last chunk of every
+        token left, as the original's loop does (its stop test after a hop
+        uses the hop that just ran, which comes to the same). Hand the
+        job's result to :meth:`commit` before asking again."""
+        if self.finished:
+            return None
+        if self._ready():
+            end = self.token_offset + self._hop() + self.model.pre_lookahead_len
+            return self._job(end, finalize=False)
         if final:
-            yield self._job(len(self.tokens), finalize=True)
+            return self._job(len(self.tokens), finalize=True)
+        return None
+
+    def commit(
+        self, job: Token2WavJob, result: tuple[torch.Tensor, Any]
+    ) -> torch.Tensor:
+        """Take the decoded ``job`` (from :meth:`next_job`); returns its audio."""
+        speech, self.cache = result
+        if job.finalize:
             self.finished = True
+        else:
+            self.token_offset += self._hop()
+            self._grow_hop()
+        return speech
 
     def push(self, tokens: Any = (), final: bool = False) -> list[torch.Tensor]:
         out = push_streams([self], [tokens], [final])[0]
@@ -531,57 +547,60 @@ class Token2WavStream:
         return self.push((), final=True)
 
 
+def _alone(model: Any, job: Token2WavJob) -> Any:
+    """One chunk by itself: its result, or the exception it raised."""
+    try:
+        return model.token2wav_batch([job])[0]
+    except Exception as e:  # noqa: BLE001
+        return e
+
+
 def push_streams(
     streams: Sequence[Token2WavStream],
     tokens: Sequence[Any],
     finals: Sequence[bool],
+    max_rounds: int | None = None,
 ) -> list[list[torch.Tensor] | BaseException]:
     """``push`` on several sessions of one model, their ready chunks decoded
     in batches (:meth:`token2wav_batch`: round k batches every session's
     k-th ready chunk). Returns each session's chunks, or the exception that
     stopped it: a failing batch is retried one session at a time, so one
-    bad session does not fail the others."""
+    bad session does not fail the others. ``max_rounds`` stops after that
+    many rounds; the chunks left stay ready (``has_work``) for the next
+    call, which may bring no tokens."""
     if len({id(s) for s in streams}) != len(streams):
         raise ValueError("push_streams: a session appears twice")
     out: list[Any] = [[] for _ in streams]
-    gens: list[Iterator[Token2WavJob] | None] = []
+    live: list[int] = []
     for i, (s, t, f) in enumerate(zip(streams, tokens, finals)):
         if s.finished:
             out[i] = RuntimeError("stream already finished")
-            gens.append(None)
             continue
         if s.model is not streams[0].model:
             raise ValueError("push_streams: sessions of different models")
         s.tokens.extend(int(x) for x in t)
-        gens.append(s._jobs(f))
+        live.append(i)
 
-    def advance(i: int) -> Token2WavJob | None:
-        gen = gens[i]
-        return next(gen, None) if gen is not None else None
-
-    def settle(i: int, result: Any) -> None:
-        speech, streams[i].cache = result
-        out[i].append(speech)
-
-    pending = {i: job for i in range(len(streams)) if (job := advance(i))}
-    while pending:
+    rounds = 0
+    while max_rounds is None or rounds < max_rounds:
+        pending = {i: job for i in live if (job := streams[i].next_job(finals[i]))}
+        if not pending:
+            break
+        rounds += 1
         idx = list(pending)
+        model = streams[idx[0]].model
         try:
-            results = streams[idx[0]].model.token2wav_batch([pending[i] for i in idx])
-            for i, r in zip(idx, results):
-                settle(i, r)
+            results: list[Any] = model.token2wav_batch([pending[i] for i in idx])
         except Exception as e:  # noqa: BLE001
-            if len(idx) == 1:
-                out[idx[0]] = e
-                gens[idx[0]] = None
+            # find the bad session(s): each chunk by itself
+            many = len(idx) > 1
+            results = [_alone(model, pending[i]) for i in idx] if many else [e]
+        for i, r in zip(idx, results):
+            if isinstance(r, BaseException):
+                out[i] = r
+                live.remove(i)
             else:
-                for i in idx:
-                    try:
-                        settle(i, streams[i].model.token2wav_batch([pending[i]])[0])
-                    except Exception as e:  # noqa: BLE001
-                        out[i] = e
-                        gens[i] = None
-        pending = {i: job for i in idx if (job := advance(i))}
+                out[i].append(streams[i].commit(pending[i], r))
     return out
 
 
