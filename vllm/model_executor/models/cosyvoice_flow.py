@@ -729,7 +729,7 @@ def flow_batch_inputs(
         raise ValueError("flow.forward_batch: inconsistent batch sizes")
     dev = flow.input_embedding.weight.device
     seqs = [
-        torch.cat([p.reshape(-1), t.reshape(-1)]).to(dev).long()
+        torch.cat([p.reshape(-1).to(dev), t.reshape(-1).to(dev)]).long()
         for p, t in zip(prompt_tokens, tokens)
     ]
     vocab = flow.input_embedding.num_embeddings

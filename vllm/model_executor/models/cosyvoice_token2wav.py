@@ -593,6 +593,10 @@ def push_streams(
             results: list[Any] = model.token2wav_batch([pending[i] for i in idx])
         except Exception as e:  # noqa: BLE001
             # find the bad session(s): each chunk by itself
+            if len(idx) > 1:
+                logger.warning(
+                    "batched token2wav of %d chunks failed (%r); decoding "
+                    "them one by one", len(idx), e)
             many = len(idx) > 1
             results = [_alone(model, pending[i]) for i in idx] if many else [e]
         for i, r in zip(idx, results):
