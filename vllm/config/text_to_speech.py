@@ -86,3 +86,12 @@ class TextToSpeechParams:
 
     extra: dict[str, Any] = field(default_factory=dict)
     """Model-specific request options (``extra_body`` fields)."""
+
+    voices: list[VoicePrompt | str] | None = None
+    """Multi-speaker models: one voice per speaker, in speaker order (an
+    encoded voice, or the name of a model preset)."""
+
+    context: list[tuple[str, list[int]]] = field(default_factory=list)
+    """Models that speak their segments in context
+    (``speech_segments_in_context``): the text and generated token ids of the
+    request's previous segments, in order."""

@@ -101,6 +101,7 @@ class SpeechSynthesizer:
         *,
         voice: VoicePrompt | None = None,
         speaker: str | None = None,
+        voices: list[VoicePrompt | str] | None = None,
         speed: float = 1.0,
         max_new_tokens: int | None = None,
         extra_args: dict[str, Any] | None = None,
@@ -108,7 +109,9 @@ class SpeechSynthesizer:
         **sampling: Any,
     ) -> list[SpeechOutput]:
         """Generate speech for each text. ``sampling``: temperature, top_p,
-        top_k, repetition_penalty, seed (model defaults otherwise)."""
+        top_k, repetition_penalty, seed (model defaults otherwise).
+        ``voices``: multi-speaker models, one voice (encoded, or a preset
+        name) per speaker of the script."""
         if isinstance(texts, str):
             texts = [texts]
         if not (SPEED_MIN <= speed <= SPEED_MAX):
@@ -117,7 +120,7 @@ class SpeechSynthesizer:
                                    "repetition_penalty", "seed"}
         if unknown:
             raise TypeError(f"unknown sampling options: {sorted(unknown)}")
-        prompts, params_list, requests = [], [], []
+        params_list, requests = [], []
         owners: list[int] = []  # text index of each segment
         for index, text in enumerate(texts):
             if not text or not text.strip():
@@ -125,19 +128,26 @@ class SpeechSynthesizer:
             if len(text) > self.config.max_input_chars:
                 raise ValueError(f"text of {len(text)} characters exceeds the "
                                  f"limit of {self.config.max_input_chars}")
-            params = TextToSpeechParams(text=text.strip(), model_config=self.model_config,
+            params = TextToSpeechParams(text=text.strip(),
+                                        model_config=self.model_config,
                                         voice=voice, speaker=speaker,
-                                        extra=dict(extra_args or {}))
+                                        extra=dict(extra_args or {}),
+                                        voices=list(voices) if voices else None)
             kwargs = dict(self.config.default_sampling)
             kwargs.update({k: v for k, v in sampling.items() if v is not None})
             kwargs["max_tokens"] = max_new_tokens or self.config.default_max_new_tokens
             for seg in split_speech_request(self.model_cls, params):
-                prompts.append(self.model_cls.get_speech_generation_prompt(seg))
                 params_list.append(
                     self.model_cls.get_speech_sampling_params(seg, dict(kwargs)))
                 requests.append(seg)
                 owners.append(index)
-        outputs = self.llm.generate(prompts, params_list, use_tqdm=use_tqdm)
+        if getattr(self.model_cls, "speech_segments_in_context", False):
+            outputs = self._generate_in_context(requests, owners, params_list,
+                                                use_tqdm)
+        else:
+            prompts = [self.model_cls.get_speech_generation_prompt(seg)
+                       for seg in requests]
+            outputs = self.llm.generate(prompts, params_list, use_tqdm=use_tqdm)
         frames = [self.model_cls.get_speech_frames(o.outputs[0], self.model_config)
                   for o in outputs]
         with torch.inference_mode():
@@ -160,3 +170,31 @@ class SpeechSynthesizer:
                 np.concatenate([frames[i] for i in mine]),
                 [requests[i].text for i in mine]))
         return results
+
+    def _generate_in_context(self, requests: list[TextToSpeechParams],
+                             owners: list[int], params_list: list[Any],
+                             use_tqdm: bool) -> list[Any]:
+        """Segments spoken in context (``speech_segments_in_context``): the
+        n-th segments of all texts are generated together, each prompt
+        holding its text's earlier segments and their generated tokens."""
+        outputs: list[Any] = [None] * len(requests)
+        done: dict[int, list[int]] = {}  # text index -> its segments so far
+        pending = list(range(len(requests)))
+        while pending:
+            batch, later, seen = [], [], set()
+            for i in pending:
+                (later if owners[i] in seen else batch).append(i)
+                seen.add(owners[i])
+            for i in batch:
+                requests[i].context = [
+                    (requests[j].text, list(outputs[j].outputs[0].token_ids))
+                    for j in done.get(owners[i], [])]
+            prompts = [self.model_cls.get_speech_generation_prompt(requests[i])
+                       for i in batch]
+            outs = self.llm.generate(prompts, [params_list[i] for i in batch],
+                                     use_tqdm=use_tqdm)
+            for i, out in zip(batch, outs):
+                outputs[i] = out
+                done.setdefault(owners[i], []).append(i)
+            pending = later
+        return outputs

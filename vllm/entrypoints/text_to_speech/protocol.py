@@ -4,8 +4,8 @@
 
 The OpenAI fields (``model``, ``input``, ``voice``, ``response_format``,
 ``speed``, ``stream_format``, ``instructions``) plus zero-shot cloning
-(``ref_audio`` + ``ref_text``), sampling overrides, ``seed`` and
-``max_new_tokens``.
+(``ref_audio`` + ``ref_text``), a voice per speaker for multi-speaker
+models (``voices``), sampling overrides, ``seed`` and ``max_new_tokens``.
 """
 
 from typing import Any, Literal
@@ -56,6 +56,11 @@ class SpeechRequest(BaseModel):
 
     ref_text: str | None = None
     """Transcript of ``ref_audio``."""
+
+    voices: list[str] | None = Field(default=None, min_length=1)
+    """Multi-speaker models (e.g. SoulX-Podcast): one voice per speaker of
+    the input script (``[S1]``, ``[S2]``, ...), in order; each a registered
+    voice or a model preset."""
 
     seed: int | None = None
     max_new_tokens: int | None = Field(default=None, ge=1)

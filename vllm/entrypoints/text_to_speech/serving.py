@@ -300,7 +300,10 @@ class _Segment:
     request_id: str
     params: TextToSpeechParams
     engine_input: Any
+    """None until built, for segments spoken in context (see _Prepared)."""
     sampling_params: Any
+    output_token_ids: Any = None
+    """The tokens generated so far (set while generating)."""
 
 
 @dataclass
@@ -309,6 +312,11 @@ class _Prepared:
     segments: list[_Segment]
     speed: float
     fmt: str
+    in_context: bool = False
+    """The model's ``speech_segments_in_context``: each segment's prompt
+    holds the segments before it and their generated tokens, so they are
+    generated one after another and each prompt is built when its turn
+    comes."""
 
 
 class OpenAIServingSpeech(GenerateBaseServing):
@@ -439,57 +447,104 @@ class OpenAIServingSpeech(GenerateBaseServing):
         else:
             speaker = request.voice
 
+        voices: list[VoicePrompt | str] | None = None
+        if request.voices is not None:
+            if not getattr(self.model_cls, "supports_multi_speaker", False):
+                raise VLLMValidationError(
+                    "this model takes one voice (`voice`); `voices` is for "
+                    "multi-speaker models", parameter="voices")
+            voices = [await self._speaker_voice(n) for n in request.voices]
         params = TextToSpeechParams(text=text, model_config=self.model_config,
                                     voice=voice, speaker=speaker,
-                                    extra=dict(request.extra_args or {}))
+                                    extra=dict(request.extra_args or {}),
+                                    voices=voices)
         sampling_kwargs: dict[str, Any] = dict(cfg.default_sampling)
         for key in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
             value = getattr(request, key)
             if value is not None:
                 sampling_kwargs[key] = value
-        sampling_kwargs["max_tokens"] = request.max_new_tokens or cfg.default_max_new_tokens
+        sampling_kwargs["max_tokens"] = (request.max_new_tokens
+                                         or cfg.default_max_new_tokens)
         # A model may speak a long text as several segments (e.g. sentence
         # splitting), each its own engine request with the same voice and
         # options; max_new_tokens and the model's length rules are per
         # segment.
         seg_params = split_speech_request(self.model_cls, params)
+        # In context: only the first prompt can be built now (the others
+        # hold the tokens generated before them; see _segment_input).
+        in_context = bool(getattr(self.model_cls, "speech_segments_in_context", False))
         prompts, sampling = [], []
-        for sp in seg_params:
-            prompts.append(self.model_cls.get_speech_generation_prompt(sp))
+        for i, sp in enumerate(seg_params):
+            if i == 0 or not in_context:
+                prompts.append(self.model_cls.get_speech_generation_prompt(sp))
             sampling.append(self.model_cls.get_speech_sampling_params(
                 sp, dict(sampling_kwargs)))
         engine_inputs = await self.renderer.render_cmpl_async(
             [parse_model_prompt(self.model_config, pr) for pr in prompts])
-        request_id = f"{self.request_id_prefix}-" \
-            f"{self._base_request_id(raw_request, random_uuid())}"
+        engine_inputs += [None] * (len(seg_params) - len(engine_inputs))
+        base_id = self._base_request_id(raw_request, random_uuid())
+        request_id = f"{self.request_id_prefix}-{base_id}"
         segments = [
             _Segment(request_id if len(seg_params) == 1 else f"{request_id}-{i}",
                      sp, ei, spp)
             for i, (sp, ei, spp) in enumerate(zip(seg_params, engine_inputs, sampling))]
         if len(segments) > 1:
             logger.debug("speech request %s: %d segments", request_id, len(segments))
-        return _Prepared(request_id, segments, request.speed, fmt)
+        return _Prepared(request_id, segments, request.speed, fmt, in_context)
 
     def model_voices(self) -> list[str]:
         """Preset speakers the model knows without reference audio."""
         getter = getattr(self.model_cls, "get_speech_presets", None)
         return list(getter(self.model_config)) if getter else []
 
+    async def _speaker_voice(self, name: str) -> VoicePrompt | str:
+        """One entry of ``voices``: a registered voice, or a preset name."""
+        if self.voices is not None and self.voices.exists(name):
+            return await asyncio.to_thread(self.voices.get, name)
+        if name in self.model_voices():
+            return name
+        raise VLLMNotFoundError(
+            f"voice {name!r} does not exist; registered voices: "
+            f"{self.voices.names() if self.voices else []}, presets: "
+            f"{self.model_voices()}")
+
+    async def _segment_input(self, p: _Prepared, index: int) -> _Segment:
+        """Segment ``index`` with its engine input, for segments spoken in
+        context: its prompt holds the texts and generated tokens of the
+        segments before it (``TextToSpeechParams.context``)."""
+        seg = p.segments[index]
+        if seg.engine_input is None:
+            seg.params.context = [
+                (s.params.text, list(s.output_token_ids or []))
+                for s in p.segments[:index]]
+            prompt = self.model_cls.get_speech_generation_prompt(seg.params)
+            (seg.engine_input,) = await self.renderer.render_cmpl_async(
+                [parse_model_prompt(self.model_config, prompt)])
+        return seg
+
     async def _generate(self, seg: _Segment) -> AsyncGenerator[RequestOutput, None]:
         gen = self.engine_client.generate(seg.engine_input, seg.sampling_params,
                                           seg.request_id)
         try:
             async for out in gen:
+                seg.output_token_ids = out.outputs[0].token_ids
                 yield out
         except asyncio.CancelledError:
             await self.engine_client.abort(seg.request_id)
             raise
 
     async def _speak_segment(self, seg: _Segment, speed: float) -> np.ndarray:
+        return await self._decode_output(seg, await self._final_output(seg), speed)
+
+    async def _final_output(self, seg: _Segment) -> RequestOutput:
         final: RequestOutput | None = None
         async for out in self._generate(seg):
             final = out
         assert final is not None
+        return final
+
+    async def _decode_output(self, seg: _Segment, final: RequestOutput,
+                             speed: float) -> np.ndarray:
         frames = self._frames(final)
         if len(frames) == 0:
             audio = np.zeros(0, np.float32)
@@ -499,10 +554,20 @@ class OpenAIServingSpeech(GenerateBaseServing):
 
     async def _speak(self, p: _Prepared) -> np.ndarray:
         """One-shot audio: the segments are generated concurrently (the
-        engine batches them) and decoded each on its own, then joined."""
-        tasks = [asyncio.ensure_future(self._speak_segment(seg, p.speed))
-                 for seg in p.segments]
+        engine batches them) and decoded each on its own, then joined.
+        Segments spoken in context are generated one after another, each
+        decoded while the next one generates."""
+        tasks: list[asyncio.Future] = []
         try:
+            if p.in_context:
+                for i in range(len(p.segments)):
+                    seg = await self._segment_input(p, i)
+                    final = await self._final_output(seg)
+                    tasks.append(asyncio.ensure_future(
+                        self._decode_output(seg, final, p.speed)))
+            else:
+                tasks = [asyncio.ensure_future(self._speak_segment(seg, p.speed))
+                         for seg in p.segments]
             audios = await asyncio.gather(*tasks)
         finally:
             # on an error or a cancellation, stop (and abort) the others
@@ -563,7 +628,9 @@ class OpenAIServingSpeech(GenerateBaseServing):
         try:
             if stream_format == "audio" and p.fmt == "wav":
                 yield wav_stream_header(sr)
-            for seg in p.segments:
+            for i, seg in enumerate(p.segments):
+                if p.in_context:
+                    seg = await self._segment_input(p, i)
                 async for audio in self._stream_segment(seg, p.speed, sent):
                     if first_audio_s is None:
                         first_audio_s = time.monotonic() - t0

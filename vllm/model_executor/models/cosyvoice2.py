@@ -162,6 +162,11 @@ def ras_distribution(
     tau_r: float,
     banned: torch.Tensor | None = None,
     exclude_repeated: bool = False,
+    *,
+    fallback_logits: torch.Tensor | None = None,
+    redraw: bool = False,
+    count_offset: int = 0,
+    top_k_first: bool = False,
 ) -> torch.Tensor:
     """The distribution of the original ``ras_sampling`` for each row.
 
@@ -179,6 +184,15 @@ def ras_distribution(
     comes from the softmax without that token: ``P(x) = N(x) [x not
     repeated] + sum_{y repeated, y != x} N(y) F(x) / (1 - F(y))``.
 
+    The HF-generate form of RAS (SoulX-Podcast's ``_ras_sample_hf_engine``)
+    differs in four ways, each a keyword: the fallback draw comes from other
+    scores (``fallback_logits``: the raw logits, before penalty, temperature
+    and min-length); when the candidate is not repeated the token is drawn
+    again from the nucleus (``redraw``: ``P = (1 - p_rep) N + p_rep F``); the
+    trigger counts the candidate itself (``count_offset`` 1:
+    ``count + 1 >= win_size * tau_r``); and top-p is taken over the top-k
+    renormalised distribution (``top_k_first``, HF's warper order).
+
     logits [R, V] fp32 (speech slice), history [R, W] ids in the same index
     space (-1 = none), top_p [R] float, top_k [R] int (<= 0: no limit).
     """
@@ -188,7 +202,12 @@ def ras_distribution(
     before = sorted_p.cumsum(dim=-1) - sorted_p
     rank = torch.arange(vocab, device=logits.device).expand(rows, vocab)
     k = torch.where(top_k > 0, top_k, vocab).to(rank.dtype)
-    keep_sorted = (before < top_p[:, None]) & (rank < k[:, None])
+    in_top_k = rank < k[:, None]
+    threshold = top_p[:, None]
+    if top_k_first:
+        # top-p of the renormalised top-k distribution
+        threshold = threshold * (sorted_p * in_top_k).sum(dim=-1, keepdim=True)
+    keep_sorted = (before < threshold) & in_top_k
     keep_sorted[:, 0] = True
     nucleus_sorted = torch.where(keep_sorted, sorted_p, 0.0)
     nucleus = torch.zeros_like(full).scatter_(1, sorted_idx, nucleus_sorted)
@@ -199,8 +218,13 @@ def ras_distribution(
     counts = torch.zeros_like(full).scatter_add_(
         1, hist.clamp(0, vocab - 1).long(), valid.to(full.dtype)
     )
-    repeated = counts >= win_size * tau_r
-    if exclude_repeated:
+    repeated = counts + count_offset >= win_size * tau_r
+    if fallback_logits is not None:
+        full = fallback_logits.float().softmax(dim=-1)
+    if redraw:
+        p_rep = (nucleus * repeated).sum(dim=-1, keepdim=True)
+        law = (1.0 - p_rep) * nucleus + p_rep * full
+    elif exclude_repeated:
         rest = (1.0 - full).clamp_min(1e-20)
         share = torch.where(repeated, nucleus / rest, 0.0)
         law = nucleus * (~repeated) + full * (share.sum(dim=-1, keepdim=True) - share)

@@ -174,15 +174,24 @@ class MultiCodebookRunnerState:
 
     def _history(self) -> torch.Tensor:
         """[R, W, 1 + num_aux]: each request's last W generated frames, oldest
-        first, padded with -1 at the end."""
+        first, padded with -1 at the end. A model with
+        ``codebook_history_includes_prompt`` gets the last W positions of
+        prompt + output instead (e.g. SoulX-Podcast's RAS window)."""
         runner = self.runner
         batch: InputBatch = runner.input_batch
         w, k = self.window, 1 + self.num_aux
+        with_prompt = bool(
+            getattr(self.model, "codebook_history_includes_prompt", False)
+        )
         hist = np.full((batch.num_reqs, w, k), -1, np.int64)
         if w:
             for i, req_id in enumerate(batch.req_ids):
                 req_state = runner.requests[req_id]
                 out = req_state.output_token_ids[-w:]
+                prompt = req_state.prompt_token_ids
+                if with_prompt and len(out) < w and prompt:
+                    start = max(0, len(prompt) - (w - len(out)))
+                    out = list(prompt[start:]) + list(out)
                 n = len(out)
                 if n == 0:
                     continue
