@@ -185,19 +185,7 @@ class CosyVoice3ForCausalLM(CosyVoice2ForCausalLM):
     def get_speech_decoder(
         cls, model_config: ModelConfig, device: torch.device
     ) -> CosyVoice3SpeechDecoder:
-        try:
-            from vllm.model_executor.models.cosyvoice_token2wav import (
-                CosyVoice3Token2Wav,
-            )
-        except ImportError as e:
-            raise NotImplementedError(
-                "CosyVoice3 audio decoding needs CosyVoice3Token2Wav (DiT flow "
-                "+ causal HiFT) in vllm/model_executor/models/"
-                "cosyvoice_token2wav.py, which is not there yet"
-            ) from e
-        return CosyVoice3SpeechDecoder(
-            model_config.model, device, token2wav_cls=CosyVoice3Token2Wav
-        )
+        return CosyVoice3SpeechDecoder(model_config.model, device)
 
 
 class CosyVoice3SpeechDecoder(CosyVoice2SpeechDecoder):
@@ -207,6 +195,13 @@ class CosyVoice3SpeechDecoder(CosyVoice2SpeechDecoder):
 
     speech_tokenizer_name = SPEECH_TOKENIZER_V3_NAME
     mel_fmax = None
+
+    def __init__(self, model_dir: str, device: torch.device, token2wav_cls: Any = None):
+        if token2wav_cls is None:
+            from vllm.model_executor.models.cosyvoice_token2wav import (
+                CosyVoice3Token2Wav as token2wav_cls,
+            )
+        super().__init__(model_dir, device, token2wav_cls)
 
 
 __all__ = ["CosyVoice3ForCausalLM"]
