@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,4 +118,25 @@ def test_decode_worker_batches_concurrent_requests():
         asyncio.run(bw.decode(jobs[0]))
     # the worker thread survives a failing batch
     assert asyncio.run(bw.call(lambda: 41 + 1)) == 42
+
+    # ... and a caller whose event loop is gone before its result (or its
+    # stream's chunks) can be handed back
+    started = threading.Event()
+
+    def slow():
+        started.set()
+        time.sleep(0.3)
+        return 1
+
+    async def leave():
+        asyncio.ensure_future(bw.call(slow))
+        session = ToneDecoder(None).open_stream(None)
+        gen = bw.stream(session, jobs[0])
+        asyncio.ensure_future(gen.__anext__())
+        await asyncio.to_thread(started.wait, 5)
+
+    asyncio.run(leave())  # closes its loop while both jobs are queued
+    time.sleep(0.6)
+    assert bw._thread.is_alive()
+    assert asyncio.run(bw.call(lambda: 7)) == 7
 

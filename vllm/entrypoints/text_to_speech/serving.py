@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import dataclass
 from functools import cached_property
 from http import HTTPStatus
@@ -99,7 +99,10 @@ class _StreamCall:
         return self.frames
 
     def send(self, item: Any) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is gone
+            self.cancelled = True
 
 
 class DecodeWorker:
@@ -183,7 +186,8 @@ class DecodeWorker:
             else:
                 fut.set_result(value)
 
-        loop.call_soon_threadsafe(set_)
+        with suppress(RuntimeError):  # the caller's loop is gone
+            loop.call_soon_threadsafe(set_)
 
     def _loop(self) -> None:
         streams: list[_StreamCall] = []
