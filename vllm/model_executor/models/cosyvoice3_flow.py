@@ -38,11 +38,10 @@ from vllm.model_executor.models.cosyvoice_flow import (
     _NOISE_FRAMES,
     _NOISE_SEED,
     CausalConditionalCFM,
+    FlowBatch,
     PreLookaheadLayer,
+    TokenMelFlow,
     _chunk_mask,
-    _pad_mask,
-    flow_batch_conds,
-    flow_batch_inputs,
 )
 from vllm.model_executor.models.cosyvoice_hift import load_strict
 
@@ -464,151 +463,34 @@ class DiTConditionalCFM(CausalConditionalCFM):
 
 
 # -------------------------------------------------------------------- flow --
-class CausalMaskedDiffWithDiT(nn.Module):
-    """CosyVoice3 flow: speech tokens (+ prompt) -> mel of the new tokens."""
+class CausalMaskedDiffWithDiT(TokenMelFlow):
+    """CosyVoice3 flow: speech tokens (+ prompt) -> mel of the new tokens;
+    a look-ahead conv and repetition to the mel rate instead of an encoder,
+    the DiT CFM estimator (which looks only left (position conv) or at
+    unpadded frames (attention), so padded batches equal single runs)."""
 
     def __init__(self, config: CosyVoice3FlowConfig | None = None):
         super().__init__()
         cfg = config or CosyVoice3FlowConfig()
-        self.config = cfg
-        self.output_size = cfg.output_size
-        self.token_mel_ratio = cfg.token_mel_ratio
-        self.pre_lookahead_len = cfg.pre_lookahead_len
-        self.input_frame_rate = cfg.input_frame_rate
-        self.input_embedding = nn.Embedding(cfg.vocab_size, cfg.input_size)
-        self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)
+        self._init_common(cfg)
         self.pre_lookahead_layer = LookaheadLayer(
             cfg.input_size, cfg.pre_lookahead_channels, cfg.pre_lookahead_len
         )
         self.decoder = DiTConditionalCFM(cfg)
 
-    @property
-    def token_rate(self) -> int:
-        return self.input_frame_rate
-
-    @property
-    def mel_rate(self) -> int:
-        return self.input_frame_rate * self.token_mel_ratio
-
-    def _check_tokens(self, tok: torch.Tensor) -> None:
-        if tok.numel() and int(tok.max()) >= self.config.vocab_size:
-            raise ValueError(
-                f"flow: speech token {int(tok.max())} out of range "
-                f"[0, {self.config.vocab_size})"
-            )
-
-    def _speaker(self, embedding: torch.Tensor, dev: torch.device) -> torch.Tensor:
-        if embedding.shape[-1] != self.config.spk_embed_dim:
-            raise ValueError(
-                f"flow: speaker embedding must have {self.config.spk_embed_dim} "
-                f"dims, got {embedding.shape[-1]}"
-            )
-        emb = F.normalize(embedding.to(dev).float(), dim=1)
-        return self.spk_embed_affine_layer(emb)
-
-    @torch.inference_mode()
-    def forward(
-        self,
-        token: torch.Tensor,
-        prompt_token: torch.Tensor,
-        prompt_feat: torch.Tensor,
-        embedding: torch.Tensor,
-        streaming: bool = False,
-        finalize: bool = True,
-        noise: torch.Tensor | None = None,
+    def _encode(
+        self, x: torch.Tensor, finalize: bool, streaming: bool
     ) -> torch.Tensor:
-        """Mel [1, 80, T_new] for ``token`` [1, N] after the prompt.
-
-        prompt_token [1, P] (may be empty), prompt_feat [1, 2P, 80] (the
-        prompt mel, 50 Hz), embedding [1, 192] (CAM++ x-vector). With
-        ``finalize=False`` the last ``pre_lookahead_len`` tokens are only
-        look-ahead context and produce no frames. ``streaming``: chunk
-        attention masks (``static_chunk_size`` mel frames).
-        """
-        if token.shape[0] != 1:
-            raise ValueError("flow: batch size 1 only (as the original)")
-        dev = self.input_embedding.weight.device
-        spk = self._speaker(embedding, dev)
-        tok = torch.cat([prompt_token.to(dev), token.to(dev)], dim=1).long()
-        self._check_tokens(tok)
-        n = self.pre_lookahead_len
-        if not finalize and tok.shape[1] <= n:
-            raise ValueError(
-                f"flow: a non-final chunk needs more than {n} tokens "
-                f"(the last {n} are look-ahead), got {tok.shape[1]}"
-            )
-        x = self.input_embedding(tok.clamp(min=0))
         if finalize:
             h = self.pre_lookahead_layer(x)
         else:
+            n = self.pre_lookahead_len
             h = self.pre_lookahead_layer(x[:, :-n], context=x[:, -n:])
-        h = h.repeat_interleave(self.token_mel_ratio, dim=1)
-        prompt_feat = prompt_feat.to(dev)
-        mel_len1 = prompt_feat.shape[1]
-        if mel_len1 > h.shape[1]:
-            raise ValueError(
-                f"flow: prompt mel ({mel_len1} frames) is longer than the "
-                f"tokens' {h.shape[1]} frames"
-            )
-        conds = torch.zeros(1, h.shape[1], self.output_size, device=dev, dtype=h.dtype)
-        conds[:, :mel_len1] = prompt_feat
-        mask = torch.ones(1, 1, h.shape[1], device=dev, dtype=h.dtype)
-        feat = self.decoder(
-            mu=h.transpose(1, 2).contiguous(),
-            mask=mask,
-            spks=spk,
-            cond=conds.transpose(1, 2),
-            n_timesteps=self.config.n_timesteps,
-            streaming=streaming,
-            noise=noise,
-        )
-        return feat[:, :, mel_len1:]
+        return h.repeat_interleave(self.token_mel_ratio, dim=1)
 
-    inference = forward
-
-    @torch.inference_mode()
-    def forward_batch(
-        self,
-        tokens: Sequence[torch.Tensor],
-        prompt_tokens: Sequence[torch.Tensor],
-        prompt_feats: Sequence[torch.Tensor],
-        embeddings: torch.Tensor,
-        streaming: bool = False,
-        finalize: bool = True,
-    ) -> list[torch.Tensor]:
-        """:meth:`forward` for several utterances (or streaming chunks of
-        several sessions) at once, padded to the longest.
-
-        tokens[i] [N_i], prompt_tokens[i] [P_i], prompt_feats[i] [2 P_i, 80],
-        embeddings [B, 192]. Returns the new mel [80, 2 N_i'] per item
-        (N_i' = N_i, minus the look-ahead with ``finalize=False``), equal (up
-        to float rounding) to :meth:`forward` on each item alone: padded
-        tokens embed to zeros (what the look-ahead conv sees past the end
-        anyway), the DiT only looks left (position conv) or at unpadded
-        frames (attention), and the fixed noise of frame t does not depend
-        on the length.
-        """
-        fb = flow_batch_inputs(
-            self, tokens, prompt_tokens, prompt_feats, embeddings, finalize
-        )
-        ratio = self.token_mel_ratio
-        h = self.pre_lookahead_layer(fb.x).repeat_interleave(ratio, dim=1)
-        conds, starts = flow_batch_conds(
-            prompt_feats, fb.out_lens * ratio, h, self.output_size
-        )
-        mask = _pad_mask(fb.out_lens * ratio, h.shape[1]).to(h.dtype)
-        feat = self.decoder(
-            mu=h.transpose(1, 2).contiguous(),
-            mask=mask,
-            spks=self._speaker(embeddings, h.device),
-            cond=conds.transpose(1, 2),
-            n_timesteps=self.config.n_timesteps,
-            streaming=streaming,
-        )
-        return [
-            feat[i, :, starts[i] : ratio * int(fb.out_lens[i])]
-            for i in range(len(starts))
-        ]
+    def _encode_batch(self, fb: FlowBatch, streaming: bool) -> torch.Tensor:
+        h = self.pre_lookahead_layer(fb.x)
+        return h.repeat_interleave(self.token_mel_ratio, dim=1)
 
 
 def load_flow3(

@@ -776,12 +776,15 @@ def flow_batch_conds(
 
 
 # -------------------------------------------------------------------- flow --
-class CausalMaskedDiffWithXvec(nn.Module):
-    """CosyVoice2 flow: speech tokens (+ prompt) -> mel of the new tokens."""
+class TokenMelFlow(nn.Module):
+    """What the CosyVoice2 and CosyVoice3 flows share: speech tokens (+ the
+    prompt's) are embedded, encoded to mel-rate features (``_encode`` /
+    ``_encode_batch``: the subclass's encoder, projected to the mel size),
+    and the CFM decoder turns them into mel, conditioned on the prompt mel
+    and the speaker x-vector. Subclasses set ``config`` and the modules
+    ``input_embedding``, ``spk_embed_affine_layer`` and ``decoder``."""
 
-    def __init__(self, config: CosyVoiceFlowConfig | None = None):
-        super().__init__()
-        cfg = config or CosyVoiceFlowConfig()
+    def _init_common(self, cfg: Any) -> None:
         self.config = cfg
         self.output_size = cfg.output_size
         self.token_mel_ratio = cfg.token_mel_ratio
@@ -789,9 +792,6 @@ class CausalMaskedDiffWithXvec(nn.Module):
         self.input_frame_rate = cfg.input_frame_rate
         self.input_embedding = nn.Embedding(cfg.vocab_size, cfg.input_size)
         self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)
-        self.encoder = UpsampleConformerEncoder(cfg.encoder)
-        self.encoder_proj = nn.Linear(cfg.encoder.output_size, cfg.output_size)
-        self.decoder = CausalConditionalCFM(cfg)
 
     @property
     def token_rate(self) -> int:
@@ -800,6 +800,40 @@ class CausalMaskedDiffWithXvec(nn.Module):
     @property
     def mel_rate(self) -> int:
         return self.input_frame_rate * self.token_mel_ratio
+
+    def _encode(
+        self, x: torch.Tensor, finalize: bool, streaming: bool
+    ) -> torch.Tensor:
+        """Embedded tokens [1, N, D] -> features [1, T_mel, output_size]
+        (``finalize=False``: the last ``pre_lookahead_len`` tokens are
+        look-ahead only)."""
+        raise NotImplementedError
+
+    def _encode_batch(self, fb: "FlowBatch", streaming: bool) -> torch.Tensor:
+        """``_encode`` of a padded batch -> [B, T_mel, output_size]."""
+        raise NotImplementedError
+
+    def _speaker(self, embedding: torch.Tensor, dev: torch.device) -> torch.Tensor:
+        if embedding.shape[-1] != self.config.spk_embed_dim:
+            raise ValueError(
+                f"flow: speaker embedding must have {self.config.spk_embed_dim} "
+                f"dims, got {embedding.shape[-1]}"
+            )
+        emb = F.normalize(embedding.to(dev).float(), dim=1)
+        return self.spk_embed_affine_layer(emb)
+
+    def _decode(self, h: torch.Tensor, mask: torch.Tensor, spk: torch.Tensor,
+                conds: torch.Tensor, streaming: bool,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decoder(
+            mu=h.transpose(1, 2).contiguous(),
+            mask=mask,
+            spks=spk,
+            cond=conds.transpose(1, 2),
+            n_timesteps=self.config.n_timesteps,
+            streaming=streaming,
+            noise=noise,
+        )
 
     @torch.inference_mode()
     def forward(
@@ -817,43 +851,37 @@ class CausalMaskedDiffWithXvec(nn.Module):
         prompt_token [1, P] (may be empty), prompt_feat [1, 2P, 80] (the
         prompt mel, 50 Hz), embedding [1, 192] (CAM++ x-vector). With
         ``finalize=False`` the last ``pre_lookahead_len`` tokens are only
-        look-ahead context and produce no frames.
+        look-ahead context and produce no frames. ``streaming``: the
+        encoder's / estimator's chunk masks (``static_chunk_size``).
         """
         if token.shape[0] != 1:
             raise ValueError("flow: batch size 1 only (as the original)")
         dev = self.input_embedding.weight.device
-        token, prompt_token = token.to(dev), prompt_token.to(dev)
+        spk = self._speaker(embedding, dev)
+        tok = torch.cat([prompt_token.to(dev), token.to(dev)], dim=1).long()
+        vocab = self.input_embedding.num_embeddings
+        if tok.numel() and int(tok.max()) >= vocab:
+            raise ValueError(
+                f"flow: speech token {int(tok.max())} out of range [0, {vocab})"
+            )
+        n = self.pre_lookahead_len
+        if not finalize and tok.shape[1] <= n:
+            raise ValueError(
+                f"flow: a non-final chunk needs more than {n} tokens "
+                f"(the last {n} are look-ahead), got {tok.shape[1]}"
+            )
+        h = self._encode(self.input_embedding(tok.clamp(min=0)), finalize, streaming)
         prompt_feat = prompt_feat.to(dev)
-        emb = F.normalize(embedding.to(dev).float(), dim=1)
-        spk = self.spk_embed_affine_layer(emb)
-        tok = torch.cat([prompt_token, token], dim=1).long()
-        tok_len = torch.tensor([tok.shape[1]], device=dev)
-        x = self.input_embedding(tok.clamp(min=0))
-        if finalize:
-            h = self.encoder(x, tok_len, streaming=streaming)
-        else:
-            n = self.pre_lookahead_len
-            h = self.encoder(x[:, :-n], tok_len, context=x[:, -n:], streaming=streaming)
         mel_len1 = prompt_feat.shape[1]
-        mel_len2 = h.shape[1] - mel_len1
-        if mel_len2 < 0:
+        if mel_len1 > h.shape[1]:
             raise ValueError(
                 f"flow: prompt mel ({mel_len1} frames) is longer than the "
                 f"encoded tokens ({h.shape[1]} frames)"
             )
-        h = self.encoder_proj(h)
         conds = torch.zeros(1, h.shape[1], self.output_size, device=dev, dtype=h.dtype)
         conds[:, :mel_len1] = prompt_feat
         mask = torch.ones(1, 1, h.shape[1], device=dev, dtype=h.dtype)
-        feat = self.decoder(
-            mu=h.transpose(1, 2).contiguous(),
-            mask=mask,
-            spks=spk,
-            cond=conds.transpose(1, 2),
-            n_timesteps=self.config.n_timesteps,
-            streaming=streaming,
-            noise=noise,
-        )
+        feat = self._decode(h, mask, spk, conds, streaming, noise)
         return feat[:, :, mel_len1:]
 
     inference = forward
@@ -875,37 +903,54 @@ class CausalMaskedDiffWithXvec(nn.Module):
         embeddings [B, 192]. Returns the new mel [80, 2 N_i'] per item
         (N_i' = N_i, minus the look-ahead with ``finalize=False``), equal (up
         to float rounding) to :meth:`forward` on each item alone: every op
-        either masks padded frames or only looks left of them, the
-        look-ahead conv sees zeros past an item's end as when it runs alone,
-        and the fixed noise of frame t does not depend on the length.
+        either masks padded frames or only looks left of them, padded tokens
+        embed to zeros (what the look-ahead conv sees past an item's end
+        when it runs alone), and the fixed noise of frame t does not depend
+        on the length.
         """
         fb = flow_batch_inputs(
             self, tokens, prompt_tokens, prompt_feats, embeddings, finalize
         )
-        h = self.encoder(
-            fb.x, fb.out_lens, streaming=streaming, input_lens=fb.lens
-        )
-        h = self.encoder_proj(h)
+        h = self._encode_batch(fb, streaming)
         ratio = h.shape[1] // fb.x.shape[1]
         conds, starts = flow_batch_conds(
             prompt_feats, fb.out_lens * ratio, h, self.output_size
         )
         mask = _pad_mask(fb.out_lens * ratio, h.shape[1]).to(h.dtype)
-        spk = self.spk_embed_affine_layer(
-            F.normalize(embeddings.to(h.device).float(), dim=1)
-        )
-        feat = self.decoder(
-            mu=h.transpose(1, 2).contiguous(),
-            mask=mask,
-            spks=spk,
-            cond=conds.transpose(1, 2),
-            n_timesteps=self.config.n_timesteps,
-            streaming=streaming,
-        )
+        spk = self._speaker(embeddings, h.device)
+        feat = self._decode(h, mask, spk, conds, streaming)
         return [
             feat[i, :, starts[i] : ratio * int(fb.out_lens[i])]
             for i in range(len(starts))
         ]
+
+
+class CausalMaskedDiffWithXvec(TokenMelFlow):
+    """CosyVoice2 flow: speech tokens (+ prompt) -> mel of the new tokens;
+    the causal upsampling conformer encoder, the UNet CFM estimator."""
+
+    def __init__(self, config: CosyVoiceFlowConfig | None = None):
+        super().__init__()
+        cfg = config or CosyVoiceFlowConfig()
+        self._init_common(cfg)
+        self.encoder = UpsampleConformerEncoder(cfg.encoder)
+        self.encoder_proj = nn.Linear(cfg.encoder.output_size, cfg.output_size)
+        self.decoder = CausalConditionalCFM(cfg)
+
+    def _encode(
+        self, x: torch.Tensor, finalize: bool, streaming: bool
+    ) -> torch.Tensor:
+        tok_len = torch.tensor([x.shape[1]], device=x.device)
+        if finalize:
+            h = self.encoder(x, tok_len, streaming=streaming)
+        else:
+            n = self.pre_lookahead_len
+            h = self.encoder(x[:, :-n], tok_len, context=x[:, -n:], streaming=streaming)
+        return self.encoder_proj(h)
+
+    def _encode_batch(self, fb: "FlowBatch", streaming: bool) -> torch.Tensor:
+        h = self.encoder(fb.x, fb.out_lens, streaming=streaming, input_lens=fb.lens)
+        return self.encoder_proj(h)
 
 
 def load_flow(

@@ -20,6 +20,7 @@ references are resolved).
 """
 
 import ast
+import dataclasses
 import math
 import operator
 import os
@@ -258,22 +259,35 @@ class CosyVoice2Token2Wav(nn.Module):
             conf = load_cosyvoice_yaml(ypath)
         else:
             logger.warning("%s not found; using CosyVoice2-0.5B dims", ypath)
+        return cls.from_settings(model_dir, conf, device, **kwargs)
+
+    @classmethod
+    def from_settings(
+        cls,
+        model_dir: str,
+        conf: Mapping[str, Any],
+        device: str | torch.device = "cpu",
+        n_timesteps: int | None = None,
+        **kwargs: Any,
+    ) -> "CosyVoice2Token2Wav":
+        """Load ``model_dir``'s ``flow.pt`` + ``hift.pt`` with the dims of
+        ``conf``'s ``flow`` / ``hift`` sections (``cosyvoice2.yaml``'s
+        layout; the CosyVoice2-0.5B dims where one is absent) and its
+        ``sample_rate``; ``n_timesteps`` overrides the flow's Euler steps."""
         flow_cfg = (
             CosyVoiceFlowConfig.from_dict(conf["flow"])
-            if "flow" in conf
+            if isinstance(conf.get("flow"), Mapping)
             else CosyVoiceFlowConfig()
         )
+        if n_timesteps is not None:
+            flow_cfg = dataclasses.replace(flow_cfg, n_timesteps=n_timesteps)
         hift_cfg = (
-            HiFTConfig.from_dict(conf["hift"]) if "hift" in conf else HiFTConfig()
+            HiFTConfig.from_dict(conf["hift"])
+            if isinstance(conf.get("hift"), Mapping)
+            else HiFTConfig()
         )
-
-        def _load(name: str) -> Mapping[str, torch.Tensor]:
-            return torch.load(
-                os.path.join(model_dir, name), map_location="cpu", weights_only=True
-            )
-
-        flow = load_flow(_load("flow.pt"), flow_cfg)
-        hift = load_hift(_load("hift.pt"), hift_cfg)
+        flow = load_flow(_load_state(model_dir, "flow.pt"), flow_cfg)
+        hift = load_hift(_load_state(model_dir, "hift.pt"), hift_cfg)
         model = cls(flow, hift, sample_rate=conf.get("sample_rate"), **kwargs)
         return model.to(device).eval()
 
