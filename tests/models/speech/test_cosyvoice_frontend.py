@@ -104,10 +104,24 @@ def count(encode):
     return lambda text: len(encode(text))
 
 
-@pytest.fixture(scope="module")
-def orig_normalize(encode):
+@pytest.fixture(params=["none", "wetext"])
+def tn_models(request, monkeypatch):
+    """The original's normalisers: identity (neither ttsfrd nor wetext
+    installed; ours told that wetext is missing) or wetext's, as its
+    ``wetext`` frontend builds them."""
+    if request.param == "none":
+        monkeypatch.setattr(fe, "wetext_normalizers", lambda: None)
+        return None
+    from wetext import Normalizer
+
+    return Normalizer(remove_erhua=False), Normalizer()
+
+
+@pytest.fixture
+def orig_normalize(encode, tn_models):
     """The original ``CosyVoiceFrontEnd.text_normalize`` on a stand-in
-    ``self`` (no ttsfrd: identity normalisers, inflect, our tokenizer)."""
+    ``self`` (no ttsfrd: ``tn_models`` normalisers, inflect, our
+    tokenizer)."""
     inflect = pytest.importorskip("inflect")
     # cosyvoice.cli.frontend imports whisper (for its feature extractor only)
     stub = "whisper" not in sys.modules
@@ -128,10 +142,11 @@ def orig_normalize(encode):
         def normalize(self, text):
             return text
 
+    zh_tn, en_tn = tn_models or (Identity(), Identity())
     self_ = types.SimpleNamespace(
         use_ttsfrd=False,
-        zh_tn_model=Identity(),
-        en_tn_model=Identity(),
+        zh_tn_model=zh_tn,
+        en_tn_model=en_tn,
         inflect_parser=inflect.engine(),
         tokenizer=types.SimpleNamespace(encode=encode),
         allowed_special="all",
@@ -172,18 +187,29 @@ def test_long_texts_split(count):
     assert all(len(seg) > 60 for seg in zh[:-1])
 
 
-def test_text_normalize_matches_original(orig_normalize, count):
+def test_text_normalize_matches_original(orig_normalize, tn_models, count):
     raised = 0
     texts = TEXTS + random_texts(2000)
+    if tn_models is not None:  # what wetext normalises
+        texts += [
+            "今天是2024年3月5日，气温-3.5℃，花了¥120。",
+            "It costs $20 on Jan 5th, 2024 at 3:30pm. I have 2.5 kg of rice.",
+        ]
     for text in texts:
         try:
             want = orig_normalize(text)
-        except IndexError:
+        except (IndexError, AssertionError):
+            # IndexError: see test_split_paragraph_matches_original;
+            # AssertionError: wetext's token parser on a few odd inputs
             raised += 1
+            assert fe.text_normalize(text, count) is not None
             continue
         assert fe.text_normalize(text, count) == want, text
         assert fe.normalize_text(text) == orig_normalize(text, split=False), text
     assert raised < len(texts) // 10
+    if tn_models is not None:
+        assert "二零二四年三月五日" in fe.normalize_text(texts[-2])
+        assert "twenty dollars" in fe.normalize_text(texts[-1])
 
 
 def test_helpers_match_original():
@@ -213,7 +239,9 @@ def test_helpers_match_original():
     assert fe.number_to_words("1" * 37) == " ".join(["one"] * 37)
 
 
-def test_frontend_skips_and_options(count):
+def test_frontend_skips_and_options(count, monkeypatch):
+    # the light clean-up (no wetext); with wetext at the end
+    monkeypatch.setattr(fe, "wetext_normalizers", lambda: None)
     special = "You are a helpful assistant.<|endofprompt|>Read 2 lines. Then stop."
     assert fe.text_normalize(special, count) == [special]
     assert fe.split_request_text(special, count) == [special]
@@ -228,6 +256,10 @@ def test_frontend_skips_and_options(count):
     assert fe.normalize_prompt_text("take 2") == "take two"
     assert fe.normalize_prompt_text("take 2", {"text_frontend": False}) == "take 2"
     assert fe.normalize_prompt_text("面积 5m²。") == "面积5m平方。"
+    monkeypatch.undo()
+    assert fe.wetext_normalizers() is not None  # in the test requirements
+    assert fe.normalize_prompt_text("面积 5m²。") == "面积五平方米。"
+    assert fe.normalize_prompt_text("take 2.5 kg") == "take two point five kilograms"
 
 
 # ------------------------------------------------------------ end to end ----

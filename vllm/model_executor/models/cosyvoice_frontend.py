@@ -1,8 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 # SPDX-FileCopyrightText: Copyright contributors to the vLLM project
-"""Text frontend of the CosyVoice models: light normalisation and sentence
+"""Text frontend of the CosyVoice models: normalisation and sentence
 splitting of the input, as the original ``CosyVoiceFrontEnd.text_normalize``
-does when neither ``ttsfrd`` nor ``wetext`` is installed.
+does with ``wetext`` installed (its text normalisation FSTs: numbers, dates,
+currency, units), or without it, as the original does when neither
+``ttsfrd`` nor ``wetext`` is there (light clean-up only).
 
 The original (``cosyvoice/cli/frontend.py``, helpers in
 ``cosyvoice/utils/frontend_utils.py``) turns one input into a list of
@@ -13,6 +15,9 @@ this order (:func:`text_normalize`):
   ``|>`` (special tokens such as ``<|endofprompt|>``), or if the request says
   ``extra_args: {"text_frontend": false}``;
 * leading / trailing whitespace is stripped;
+* with ``wetext`` importable, the text goes through its ``Normalizer``
+  first (``remove_erhua=False`` for Chinese text, the defaults otherwise;
+  both detect the language), as the original's ``wetext`` frontend does;
 * text with a CJK ideograph (U+4E00..U+9FFF, :func:`contains_chinese`):
   newlines removed; a space kept only between two non-space ASCII
   characters (:func:`replace_blank`); ``²`` / ``³`` -> ``平方`` / ``立方``;
@@ -34,11 +39,11 @@ sentences while the segment is at most ``token_min_n`` long or would stay
 within ``token_max_n``; a last segment shorter than ``merge_len`` joins the one
 before.
 
-Not done: real text normalisation (``wetext`` / ``ttsfrd``: dates, currency,
-units, Chinese numerals, abbreviations, pinyin), so e.g. digits in Chinese
-text are left as digits and ``3.5`` in English reads ``three. five``,
-exactly as the original without those packages. Where the original fails
-(an ``IndexError`` on a closing quote right after a leading sentence mark,
+Not done: ``ttsfrd`` (the original's first choice, a ModelScope resource);
+without ``wetext`` digits in Chinese text are left as digits and ``3.5`` in
+English reads ``three. five``, exactly as the original without it. Where the
+original fails (wetext's assertion on a few odd inputs: the text is kept as
+is; an ``IndexError`` on a closing quote right after a leading sentence mark,
 ``inflect``'s error on numbers of more than 36 digits) this module goes on:
 the quote is kept as its own piece, such numbers are read digit by digit.
 Non-ASCII decimal digits are read by value (``inflect`` keeps their
@@ -53,12 +58,17 @@ is, :func:`normalize_prompt_text`).
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import regex
+
+from vllm.logger import init_logger
+
+logger = init_logger(__name__)
 
 CountTokens = Callable[[str], int]
 
@@ -282,9 +292,36 @@ def _skips_frontend(text: str) -> bool:
     return "<|" in text and "|>" in text
 
 
+@functools.cache
+def wetext_normalizers() -> tuple[Any, Any] | None:
+    """The original's ``wetext`` normalisers (Chinese, English), or None
+    when ``wetext`` is not installed (the original's no-frontend branch)."""
+    try:
+        from wetext import Normalizer
+    except ImportError:
+        logger.info("wetext is not installed: CosyVoice text normalisation "
+                    "is the original's light clean-up only")
+        return None
+    return Normalizer(remove_erhua=False), Normalizer()
+
+
+def _wetext(normalizer: Any, text: str) -> str:
+    """``normalizer.normalize(text)``; the text as is where wetext fails
+    (its token parser asserts on a few inputs, e.g. ``”³57】-（``, where the
+    original raises)."""
+    try:
+        return normalizer.normalize(text)
+    except Exception:  # noqa: BLE001
+        logger.debug("wetext could not normalise %r; kept as is", text)
+        return text
+
+
 def _normalize(text: str) -> tuple[str, str]:
     """(normalised text, split language) of stripped, non-empty text."""
+    tn = wetext_normalizers()
     if contains_chinese(text):
+        if tn is not None:
+            text = _wetext(tn[0], text)
         text = text.replace("\n", "")
         text = replace_blank(text)
         text = replace_corner_mark(text)
@@ -293,6 +330,8 @@ def _normalize(text: str) -> tuple[str, str]:
         text = remove_bracket(text)
         text = _TRAILING_COMMAS.sub("。", text)
         return text, "zh"
+    if tn is not None:
+        text = _wetext(tn[1], text)
     return spell_out_number(text), "en"
 
 
