@@ -37,6 +37,9 @@ SAMPLES_PER_TOKEN = 960  # 25 Hz tokens, 24 kHz audio
 TOKENS = 12  # max_new_tokens per turn
 SCRIPT = "[S1]Hello everyone, welcome back.[S2]你好，很高兴来到这里[S1]Let us begin"
 GREEDY = {"temperature": 0.0, "max_new_tokens": TOKENS}
+# extra_args.dialect_prompt_text (one per voice), and after normalize_text
+DIALECT = ["<|Sichuan|>要得要得 巴适得很", "<|Yue|>真係冇讲错啊"]
+DIALECT_NORMALISED = ["<|Sichuan|>要得要得巴适得很。", "<|Yue|>真係冇讲错啊。"]
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +126,18 @@ def ok(server, **fields) -> bytes:
     return body
 
 
-def _original_greedy_turns(release_dir):
+def _original_greedy_turns(release_dir, dialect=None):
     """The original's ``forward_longform`` LLM loop, greedy, with its HF
     engine's processors (min_new_tokens on the speech eos, repetition
     penalty 1.25 on the generated ids only) on HF transformers' Qwen3:
-    the generated ids of every turn and their speakers."""
+    the generated ids of every turn and their speakers.
+
+    ``dialect`` (normalised dialect texts, ``use_dialect_prompt``): first
+    each speaker's prompt is re-generated on its own, from the task token
+    (speaker 0's prompt starts with it) + its zero-shot prompt + its dialect
+    text between the speaker / text / semantic markers, with the same
+    processors; the task token (speaker 0 only) + the dialect text + the
+    generated ids then stand for that prompt."""
     from transformers import (
         AutoTokenizer,
         LogitsProcessorList,
@@ -157,14 +167,10 @@ def _original_greedy_turns(release_dir):
         (1, "你好，很高兴来到这里。"),
         (0, "Let us begin."),
     ]
-    inputs = list(chain.from_iterable(prompts))  # < 10 turns, < 6192 tokens
-    out = []
-    for spk, text in turns:
-        inputs += tok.encode(
-            f"<|SPEAKER_{spk}|><|text_start|>{text}<|text_end|><|semantic_token_start|>"
-        )
+
+    def generate(inputs):
         with torch.no_grad():
-            gen = hf.generate(
+            return hf.generate(
                 torch.tensor([inputs]),
                 do_sample=False,
                 max_new_tokens=TOKENS,
@@ -175,6 +181,23 @@ def _original_greedy_turns(release_dir):
                     [RepetitionPenaltyLogitsProcessor(1.25, len(inputs))]
                 ),
             )[0, len(inputs) :].tolist()
+
+    if dialect is not None:
+        task = tok.encode("<|task_podcast|>")
+        for i, text in enumerate(dialect):
+            d = tok.encode(
+                f"<|SPEAKER_{i}|><|text_start|>{text}<|text_end|>"
+                "<|semantic_token_start|>"
+            )
+            gen = generate((task if i > 0 else []) + prompts[i] + d)
+            prompts[i] = (task if i == 0 else []) + d + gen
+    inputs = list(chain.from_iterable(prompts))  # < 10 turns, < 6192 tokens
+    out = []
+    for spk, text in turns:
+        inputs += tok.encode(
+            f"<|SPEAKER_{spk}|><|text_start|>{text}<|text_end|><|semantic_token_start|>"
+        )
+        gen = generate(inputs)
         inputs += gen
         ids = np.asarray(gen[: gen.index(eos)] if eos in gen else gen)
         out.append((spk, ids[(ids >= offset) & (ids < offset + 100)] - offset))
@@ -211,6 +234,53 @@ def test_two_speaker_script_equals_original_loop(client, server, release_dir):
     assert len(audio) == len(want) == sum(len(t) for _, t in turns) * SAMPLES_PER_TOKEN
     # 16-bit WAV; the server may batch the turns' flow passes (rounding)
     assert np.abs(audio - want).max() < 4 / 32768
+
+
+def test_dialect_prompts_equal_original_loop(client, server, release_dir):
+    """``extra_args.dialect_prompt_text``: the speakers' prompts are
+    re-generated from their dialect texts before the dialogue and stand for
+    the zero-shot prompts in every turn; the greedy WAV equals the
+    original's loop with ``use_dialect_prompt`` + the release's flow + HiFT
+    (conditioned on the zero-shot voices, as the original's flow is).
+    Streaming runs the re-generation too."""
+    from vllm.model_executor.models.soulx_podcast import (
+        SoulXPodcastSpeechDecoder,
+        _preset_voice,
+    )
+
+    body = {"voices": ["spk_a", "spk_b"], **GREEDY}
+    body["extra_args"] = {"dialect_prompt_text": DIALECT}
+    res = client.audio.speech.create(
+        model=server["model"],
+        voice="spk_a",
+        input=SCRIPT,
+        response_format="wav",
+        extra_body=body,
+    )
+    audio, sr = soundfile.read(io.BytesIO(res.content), dtype="float32")
+    assert sr == SR and len(audio) > 0
+
+    turns = _original_greedy_turns(release_dir, DIALECT_NORMALISED)
+    plain = _original_greedy_turns(release_dir)
+    assert any(
+        not np.array_equal(a, b) for (_, a), (_, b) in zip(turns, plain)
+    )  # the re-generated prompts change the turns
+    decoder = SoulXPodcastSpeechDecoder(str(release_dir), torch.device("cpu"))
+    voices = [_preset_voice(str(release_dir), n) for n in ("spk_a", "spk_b")]
+    wavs = decoder.decode(
+        [ids.reshape(-1, 1) for _, ids in turns], [voices[spk] for spk, _ in turns]
+    )
+    want = np.concatenate(wavs)
+    assert len(audio) == len(want) == sum(len(t) for _, t in turns) * SAMPLES_PER_TOKEN
+    assert np.abs(audio - want).max() < 4 / 32768
+
+    extra = {"dialect_prompt_text": DIALECT}
+    one_shot = ok(server, extra_args=extra)
+    assert one_shot != ok(server)
+    streamed = ok(server, extra_args=extra, stream_format="audio")
+    assert len(streamed) == len(one_shot) == len(want) * 2
+    # every text empty: as without dialect prompts (the original's rule)
+    assert ok(server, extra_args={"dialect_prompt_text": ["", ""]}) == ok(server)
 
 
 def test_seeded_sampling_and_voices_matter(server):
@@ -298,6 +368,27 @@ def test_registered_and_zero_shot_voices(server, media_dir):
         ({"voices": None, "voice": "default"}, 400, "needs a voice"),
         ({"voices": ["spk_a"] * 5}, 400, "at most 4"),
         ({"voices": []}, 400, "voices"),
+        (
+            {"extra_args": {"dialect_prompt_text": ["<|Sichuan|>好"]}},
+            400,
+            "1 text(s) for 2 speaker voice(s)",
+        ),
+        (
+            {"extra_args": {"dialect_prompt_text": ["Sichuan 好", ""]}},
+            400,
+            "must start with a dialect tag",
+        ),
+        (
+            {"extra_args": {"dialect_prompt_text": "<|Sichuan|>好"}},
+            400,
+            "must be a list",
+        ),
+        ({"extra_args": {"dialect_prompt_text": [1, 2]}}, 400, "must be a list"),
+        (
+            {"extra_args": {"dialect_prompt_text": ["<|Yue|>", ""]}},
+            400,
+            "has no text",
+        ),
     ],
 )
 def test_bad_requests(server, fields, code, message):

@@ -310,6 +310,166 @@ def test_prompt_layout_matches_original(llm, tok, release_dir, eos):
         assert got == want[i]
 
 
+# ----------------------------------------------------- dialect prompts ----
+# extra_args.dialect_prompt_text, one per voice, and after normalize_text
+DIALECT = ["<|Sichuan|>要得要得 巴适得很", "<|Yue|>真係冇讲错啊"]
+DIALECT_NORMALISED = ["<|Sichuan|>要得要得巴适得很。", "<|Yue|>真係冇讲错啊。"]
+
+
+def _original_dialect(tok, release_dir, eos, texts, generated=None):
+    """``forward_longform`` with ``use_dialect_prompt`` (dataloader.py's
+    ``dialect_prompt_text_tokens`` and ``dialect_prefix``), written out:
+    speaker i's prompt is re-generated from
+    ``dialect_prefix[0] (task, i > 0 only) + prompt_text_tokens[i] (task
+    first for i == 0) + speech tokens + eos + dialect_prompt_text_tokens[i]``
+    (the dialect text, normalised, between the speaker / text / semantic
+    markers); what is kept is ``dialect_prefix[i + 1] (task for i == 0, []
+    otherwise) + dialect_prompt_text_tokens[i] + generated``. Returns the
+    re-generation inputs and (with ``generated``) the kept prompts."""
+    task = tok.encode("<|task_podcast|>")
+    inputs, kept = [], []
+    for i, (name, text) in enumerate(zip(("spk_a", "spk_b"), texts)):
+        prompt = _original_prompt(tok, release_dir, eos, name, i)
+        d = tok.encode(
+            f"<|SPEAKER_{i}|><|text_start|>{text}<|text_end|><|semantic_token_start|>"
+        )
+        inputs.append((task if i > 0 else []) + prompt + d)
+        if generated is not None:
+            kept.append((task if i == 0 else []) + d + list(generated[i]))
+    return inputs, kept
+
+
+def _dialect_params(llm, text, texts=DIALECT, **kw):
+    return _params(llm, text, extra={"dialect_prompt_text": list(texts)}, **kw)
+
+
+def test_dialect_prompt_layout_matches_original(llm, tok, release_dir, eos):
+    """The re-generation requests (one per speaker, the turns' sampling) and
+    every turn's prompt with the re-generated prompts in place of the
+    zero-shot ones, context resets included, vs the original's rules."""
+    mc = llm.llm_engine.model_config
+    assert [normalize_text(t) for t in DIALECT] == DIALECT_NORMALISED
+    params = _dialect_params(llm, "[S1]Hello there[S2]你好")
+    kwargs = {"temperature": 0.6, "top_p": 0.9, "top_k": 100, "seed": 3}
+    prelude = M.get_speech_prelude(params, dict(kwargs, max_tokens=50))
+    want_inputs, _ = _original_dialect(tok, release_dir, eos, DIALECT_NORMALISED)
+    assert [pr["prompt_token_ids"] for pr, _ in prelude] == want_inputs
+    assert want_inputs[1][0] == tok.convert_tokens_to_ids("<|task_podcast|>")
+    turn_sp = M.get_speech_sampling_params(params, dict(kwargs, max_tokens=50))
+    for _, sp in prelude:  # sampled as the turns are (one SamplingParams)
+        for key in (
+            "temperature",
+            "top_p",
+            "top_k",
+            "repetition_penalty",
+            "seed",
+            "min_tokens",
+            "max_tokens",
+            "stop_token_ids",
+        ):
+            assert getattr(sp, key) == getattr(turn_sp, key), key
+        assert sp.repetition_penalty == 1.25 and sp.min_tokens == 8
+    # the turns: the kept prompts replace the zero-shot ones in every turn
+    # and in the context reset (14 turns)
+    rng = np.random.default_rng(2)
+    generated = [
+        [int(t) for t in rng.integers(OFFSET, VOCAB, 9 + i)] + [eos] for i in range(2)
+    ]
+    _, kept = _original_dialect(tok, release_dir, eos, DIALECT_NORMALISED, generated)
+    script = "".join(f"[S{1 + i % 2}]turn number {i} 你好" for i in range(14))
+    segs = M.split_speech_text(_dialect_params(llm, script))
+    text_tokens = [M._turn_ids(mc, seg)[1] for seg in segs]
+    outputs = [
+        [int(t) for t in rng.integers(OFFSET, VOCAB, 5 + i)] + [eos] for i in range(14)
+    ]
+    want = _original_loop(kept, text_tokens, outputs, mc.hf_config.soulx_context)
+    zero_shot = [
+        _original_prompt(tok, release_dir, eos, n, i)
+        for i, n in enumerate(("spk_a", "spk_b"))
+    ]
+    for i, seg in enumerate(segs):
+        p = _dialect_params(llm, seg)
+        p.prelude = generated
+        p.context = list(zip(segs[:i], outputs[:i]))
+        got = M.get_speech_generation_prompt(p)["prompt_token_ids"]
+        assert got == want[i], i
+        assert got[: len(kept[0]) + len(kept[1])] == kept[0] + kept[1]
+        assert p.voice.name == ("spk_a", "spk_b")[i % 2]  # flow: zero-shot voice
+    assert len(want[9]) < len(want[8])  # the reset happened, prompts kept
+    p = _params(llm, segs[0])
+    assert (
+        M.get_speech_generation_prompt(p)["prompt_token_ids"][
+            : len(zero_shot[0]) + len(zero_shot[1])
+        ]
+        == zero_shot[0] + zero_shot[1]
+    )
+    # one speaker without a dialect text: the original re-generates its
+    # prompt too, from an empty text
+    texts = [DIALECT[0], ""]
+    prelude = M.get_speech_prelude(_dialect_params(llm, segs[0], texts), kwargs)
+    want_inputs, _ = _original_dialect(
+        tok, release_dir, eos, [DIALECT_NORMALISED[0], ""]
+    )
+    assert [pr["prompt_token_ids"] for pr, _ in prelude] == want_inputs
+    assert want_inputs[1][-4:] == tok.encode(
+        "<|SPEAKER_1|><|text_start|><|text_end|><|semantic_token_start|>"
+    )
+    # not asked for, or every text empty: no re-generation
+    assert M.get_speech_prelude(_params(llm, segs[0]), kwargs) == []
+    assert M.get_speech_prelude(_dialect_params(llm, segs[0], ["", ""]), kwargs) == []
+    p = _dialect_params(llm, segs[0], ["", ""])
+    assert M.get_speech_generation_prompt(p) == M.get_speech_generation_prompt(
+        _params(llm, segs[0])
+    )
+    # one speaker: a string is its dialect text
+    p = _params(
+        llm, "[S1]hi", voices=("spk_b",), extra={"dialect_prompt_text": DIALECT[1]}
+    )
+    ((pr, _),) = M.get_speech_prelude(p, kwargs)
+    assert pr["prompt_token_ids"] == _original_prompt(
+        tok, release_dir, eos, "spk_b", 0
+    ) + tok.encode(
+        f"<|SPEAKER_0|><|text_start|>{DIALECT_NORMALISED[1]}<|text_end|>"
+        "<|semantic_token_start|>"
+    )
+    # the turns need the re-generated prompts
+    with pytest.raises(ValueError, match="re-generated speaker prompts are missing"):
+        M.get_speech_generation_prompt(_dialect_params(llm, segs[0]))
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        (["<|Sichuan|>好"], r"1 text\(s\) for 2 speaker"),
+        (["<|Sichuan|>好", "", ""], r"3 text\(s\) for 2 speaker"),
+        ("<|Sichuan|>好", "must be a list"),
+        ([1, "<|Yue|>好"], "must be a list"),
+        ({"S1": "<|Yue|>好"}, "must be a list"),
+        (["Sichuan 好", ""], r"dialect_prompt_text\[0\] \(speaker S1\) must start"),
+        (["", " <|Yue|>好"], r"speaker S2\) must start with a dialect tag"),
+        (["", "<|Shanghai|>好"], "must start with a dialect tag"),
+        (["<|Henan|>  ", ""], "has no text"),
+    ],
+)
+def test_dialect_prompt_validation(llm, value, message):
+    params = _params(llm, "[S1]a[S2]b", extra={"dialect_prompt_text": value})
+    with pytest.raises(ValueError, match=message):
+        M.get_speech_prelude(params, {})
+
+
+def test_dialect_prompt_needs_dialect_tokens(llm, monkeypatch):
+    """A tokenizer without the dialect tags (not the -dialect release)."""
+
+    class NoDialect:
+        def token_id(self, token):
+            raise ValueError(f"the tokenizer has no {token}")
+
+    monkeypatch.setattr(M, "_tokenizer", classmethod(lambda cls, mc: NoDialect()))
+    params = _dialect_params(llm, "[S1]a[S2]b")
+    with pytest.raises(ValueError, match=r"has no <\|Sichuan\|> token"):
+        M.get_speech_prelude(params, {})
+
+
 def test_voice_validation(llm):
     with pytest.raises(ValueError, match="only 2 voice"):
         M.split_speech_text(_params(llm, "[S1]a[S3]b"))
@@ -631,10 +791,57 @@ def test_seeded_sampling_in_engine(llm, eos):
     assert frames.shape[1] == 1 and (frames >= 0).all() and (frames < 100).all()
 
 
-def test_offline_synthesizer(llm, release_dir):
+def _hf_original_greedy(hf, tok, release_dir, eos, turns, max_new, dialect=None):
+    """The original's ``forward_longform`` LLM loop, greedy, on HF
+    transformers' Qwen3 with its HF engine's processors (min_new_tokens on
+    the speech eos, repetition penalty 1.25 on the generated ids only); with
+    ``dialect`` (normalised texts) the speakers' prompts are re-generated
+    first, each on its own with the same processors. Returns each turn's
+    speech tokens (minus the offset)."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    def generate(inputs):
+        with torch.no_grad():
+            return hf.generate(
+                torch.tensor([inputs]),
+                do_sample=False,
+                max_new_tokens=max_new,
+                min_new_tokens=8,
+                eos_token_id=eos,
+                pad_token_id=0,
+                logits_processor=LogitsProcessorList(
+                    [RepetitionPenaltyLogitsProcessor(1.25, len(inputs))]
+                ),
+            )[0, len(inputs) :].tolist()
+
+    if dialect is None:
+        prompts = [
+            _original_prompt(tok, release_dir, eos, n, i)
+            for i, n in enumerate(("spk_a", "spk_b"))
+        ]
+    else:
+        regen, _ = _original_dialect(tok, release_dir, eos, dialect)
+        generated = [generate(x) for x in regen]
+        _, prompts = _original_dialect(tok, release_dir, eos, dialect, generated)
+    inputs = list(chain.from_iterable(prompts))  # < 10 turns, < 6192 tokens
+    out = []
+    for spk, text in turns:
+        inputs += tok.encode(
+            f"<|SPEAKER_{spk}|><|text_start|>{text}<|text_end|><|semantic_token_start|>"
+        )
+        gen = generate(inputs)
+        inputs += gen
+        ids = np.asarray(gen[: gen.index(eos)] if eos in gen else gen)
+        out.append(ids[(ids >= OFFSET) & (ids < VOCAB)] - OFFSET)
+    return out
+
+
+def test_offline_synthesizer(llm, hf, tok, eos, release_dir):
     """``SpeechSynthesizer``: a two-speaker script turn by turn in context
     (the same greedy tokens as the module's engine run turn by turn), the
-    audio the concatenation of the turns."""
+    audio the concatenation of the turns. With dialect prompts: the
+    speakers' prompts re-generated first, the greedy tokens of an
+    independent transcription of the original's loop on HF transformers."""
     from vllm.entrypoints.text_to_speech.offline import SpeechSynthesizer
     from vllm.inputs import TokensPrompt
 
@@ -664,6 +871,23 @@ def test_offline_synthesizer(llm, release_dir):
     assert res.segments == segs
     assert np.array_equal(res.frames, np.concatenate(want))
     assert len(res.audio) == len(res.frames) * 960 > 0
+    turns = [(0, "Hello there, friend."), (1, "你好。"), (0, "Bye now.")]
+    plain = _hf_original_greedy(hf, tok, release_dir, eos, turns, 10)
+    assert np.array_equal(res.frames.reshape(-1), np.concatenate(plain))
+    (dia,) = tts.synthesize(
+        [script],
+        voices=["spk_a", "spk_b"],
+        temperature=0.0,
+        max_new_tokens=10,
+        extra_args={"dialect_prompt_text": DIALECT},
+    )
+    want = _hf_original_greedy(
+        hf, tok, release_dir, eos, turns, 10, dialect=DIALECT_NORMALISED
+    )
+    assert dia.segments == segs  # the re-generated prompts are not spoken
+    assert np.array_equal(dia.frames.reshape(-1), np.concatenate(want))
+    assert len(dia.audio) == len(dia.frames) * 960 > 0
+    assert not np.array_equal(dia.frames, res.frames)
     del tts
 
 

@@ -87,7 +87,8 @@ class SpeechSynthesizer:
             import soundfile
 
             buf = io.BytesIO()
-            soundfile.write(buf, ref_audio.astype(np.float32), sample_rate, format="WAV")
+            soundfile.write(buf, ref_audio.astype(np.float32), sample_rate,
+                            format="WAV")
             data = buf.getvalue()
         else:
             data = Path(ref_audio).read_bytes()
@@ -122,6 +123,9 @@ class SpeechSynthesizer:
             raise TypeError(f"unknown sampling options: {sorted(unknown)}")
         params_list, requests = [], []
         owners: list[int] = []  # text index of each segment
+        # (text index, prompt, sampling) of the model's prelude requests
+        preludes: list[tuple[int, Any, Any]] = []
+        get_prelude = getattr(self.model_cls, "get_speech_prelude", None)
         for index, text in enumerate(texts):
             if not text or not text.strip():
                 raise ValueError("texts must not be empty")
@@ -136,15 +140,22 @@ class SpeechSynthesizer:
             kwargs = dict(self.config.default_sampling)
             kwargs.update({k: v for k, v in sampling.items() if v is not None})
             kwargs["max_tokens"] = max_new_tokens or self.config.default_max_new_tokens
-            for seg in split_speech_request(self.model_cls, params):
+            segs = split_speech_request(self.model_cls, params)
+            if get_prelude is not None:
+                preludes += [(index, prompt, sp) for prompt, sp
+                             in get_prelude(params, dict(kwargs))]
+            for seg in segs:
                 params_list.append(
                     self.model_cls.get_speech_sampling_params(seg, dict(kwargs)))
                 requests.append(seg)
                 owners.append(index)
         if getattr(self.model_cls, "speech_segments_in_context", False):
             outputs = self._generate_in_context(requests, owners, params_list,
-                                                use_tqdm)
+                                                use_tqdm, preludes)
         else:
+            if preludes:
+                raise RuntimeError(
+                    "get_speech_prelude needs speech_segments_in_context")
             prompts = [self.model_cls.get_speech_generation_prompt(seg)
                        for seg in requests]
             outputs = self.llm.generate(prompts, params_list, use_tqdm=use_tqdm)
@@ -173,10 +184,23 @@ class SpeechSynthesizer:
 
     def _generate_in_context(self, requests: list[TextToSpeechParams],
                              owners: list[int], params_list: list[Any],
-                             use_tqdm: bool) -> list[Any]:
+                             use_tqdm: bool,
+                             preludes: list[tuple[int, Any, Any]] = ()) -> list[Any]:
         """Segments spoken in context (``speech_segments_in_context``): the
         n-th segments of all texts are generated together, each prompt
-        holding its text's earlier segments and their generated tokens."""
+        holding its text's earlier segments and their generated tokens.
+        The texts' prelude requests (``get_speech_prelude``) come first, all
+        together; their tokens go to the texts' segments
+        (``TextToSpeechParams.prelude``)."""
+        if preludes:
+            outs = self.llm.generate([pr for _, pr, _ in preludes],
+                                     [sp for _, _, sp in preludes],
+                                     use_tqdm=use_tqdm)
+            ids: dict[int, list[list[int]]] = {}
+            for (owner, _, _), out in zip(preludes, outs):
+                ids.setdefault(owner, []).append(list(out.outputs[0].token_ids))
+            for req, owner in zip(requests, owners):
+                req.prelude = ids.get(owner, [])
         outputs: list[Any] = [None] * len(requests)
         done: dict[int, list[int]] = {}  # text index -> its segments so far
         pending = list(range(len(requests)))

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from http import HTTPStatus
 from typing import Any, cast
@@ -321,6 +321,10 @@ class _Prepared:
     holds the segments before it and their generated tokens, so they are
     generated one after another and each prompt is built when its turn
     comes."""
+    prelude: list[_Segment] = field(default_factory=list)
+    """Engine requests generated (concurrently) before the first segment
+    and not spoken (the model's ``get_speech_prelude``); their tokens reach
+    every segment as ``TextToSpeechParams.prelude``."""
 
 
 class OpenAIServingSpeech(GenerateBaseServing):
@@ -477,14 +481,20 @@ class OpenAIServingSpeech(GenerateBaseServing):
         # In context: only the first prompt can be built now (the others
         # hold the tokens generated before them; see _segment_input).
         in_context = bool(getattr(self.model_cls, "speech_segments_in_context", False))
+        get_prelude = getattr(self.model_cls, "get_speech_prelude", None)
+        prelude = (list(get_prelude(params, dict(sampling_kwargs)))
+                   if get_prelude else [])
+        if prelude and not in_context:
+            raise RuntimeError("get_speech_prelude needs speech_segments_in_context")
         prompts, sampling = [], []
         for i, sp in enumerate(seg_params):
-            if i == 0 or not in_context:
+            if (i == 0 and not prelude) or not in_context:
                 prompts.append(self.model_cls.get_speech_generation_prompt(sp))
             sampling.append(self.model_cls.get_speech_sampling_params(
                 sp, dict(sampling_kwargs)))
         engine_inputs = await self.renderer.render_cmpl_async(
-            [parse_model_prompt(self.model_config, pr) for pr in prompts])
+            [parse_model_prompt(self.model_config, pr) for pr in prompts]
+        ) if prompts else []
         engine_inputs += [None] * (len(seg_params) - len(engine_inputs))
         base_id = self._base_request_id(raw_request, random_uuid())
         request_id = f"{self.request_id_prefix}-{base_id}"
@@ -492,9 +502,14 @@ class OpenAIServingSpeech(GenerateBaseServing):
             _Segment(request_id if len(seg_params) == 1 else f"{request_id}-{i}",
                      sp, ei, spp)
             for i, (sp, ei, spp) in enumerate(zip(seg_params, engine_inputs, sampling))]
+        pre_inputs = await self.renderer.render_cmpl_async(
+            [parse_model_prompt(self.model_config, pr) for pr, _ in prelude]
+        ) if prelude else []
+        pre = [_Segment(f"{request_id}-pre{i}", params, ei, spp)
+               for i, (ei, (_, spp)) in enumerate(zip(pre_inputs, prelude))]
         if len(segments) > 1:
             logger.debug("speech request %s: %d segments", request_id, len(segments))
-        return _Prepared(request_id, segments, request.speed, fmt, in_context)
+        return _Prepared(request_id, segments, request.speed, fmt, in_context, pre)
 
     def model_voices(self) -> list[str]:
         """Preset speakers the model knows without reference audio."""
@@ -525,6 +540,22 @@ class OpenAIServingSpeech(GenerateBaseServing):
             (seg.engine_input,) = await self.renderer.render_cmpl_async(
                 [parse_model_prompt(self.model_config, prompt)])
         return seg
+
+    async def _run_prelude(self, p: _Prepared) -> None:
+        """Generate the request's prelude (together) and hand its tokens to
+        every segment (``TextToSpeechParams.prelude``)."""
+        if not p.prelude:
+            return
+        tasks = [asyncio.ensure_future(self._final_output(s)) for s in p.prelude]
+        try:
+            finals = await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        ids = [list(f.outputs[0].token_ids) for f in finals]
+        for seg in p.segments:
+            seg.params.prelude = ids
 
     async def _generate(self, seg: _Segment) -> AsyncGenerator[RequestOutput, None]:
         gen = self.engine_client.generate(seg.engine_input, seg.sampling_params,
@@ -564,6 +595,7 @@ class OpenAIServingSpeech(GenerateBaseServing):
         tasks: list[asyncio.Future] = []
         try:
             if p.in_context:
+                await self._run_prelude(p)
                 for i in range(len(p.segments)):
                     seg = await self._segment_input(p, i)
                     final = await self._final_output(seg)
@@ -632,6 +664,7 @@ class OpenAIServingSpeech(GenerateBaseServing):
         try:
             if stream_format == "audio" and p.fmt == "wav":
                 yield wav_stream_header(sr)
+            await self._run_prelude(p)
             for i, seg in enumerate(p.segments):
                 if p.in_context:
                     seg = await self._segment_input(p, i)
@@ -647,7 +680,7 @@ class OpenAIServingSpeech(GenerateBaseServing):
                 input_tokens = sum(
                     len(seg.engine_input.get("prompt_token_ids", []))
                     if isinstance(seg.engine_input, dict) else 0
-                    for seg in p.segments)
+                    for seg in p.prelude + p.segments)
                 done = {"type": "speech.audio.done",
                         "usage": {"input_tokens": input_tokens,
                                   "output_tokens": sent["frames"],

@@ -28,13 +28,23 @@ What differs from vLLM's ``Qwen3ForCausalLM`` is the glue of the original
   codebooks), as CosyVoice2's does, on ``ras_distribution``;
 * audio: each turn through the flow + HiFT with its speaker's prompt
   tokens, prompt mel and x-vector (``CosyVoice2SpeechDecoder``), the turns
-  concatenated (or streamed one after another).
+  concatenated (or streamed one after another);
+* dialect prompts (the ``-1.7B-dialect`` release, ``forward_longform``'s
+  ``use_dialect_prompt``): before the dialogue each speaker's prompt is
+  re-generated from a dialect text (``<|Sichuan|>...``); the generated
+  tokens replace the prompt's transcript and speech tokens in the LM context
+  of every turn (context resets included), not in the flow's conditioning
+  (see ``dialect_prompt_inputs``).
 
 In ``/v1/audio/speech`` the ``input`` is the dialogue script
 (``[S1]text[S2]text...``, tags as the original web UI parses them) and
 ``voices`` names one voice per speaker (registered voices or presets of the
 release's optional ``spk2info.pt``). Each turn is one engine request built
 from the turns before it (``speech_segments_in_context``).
+``extra_args={"dialect_prompt_text": [...]}`` (one text per voice, ``""`` for
+none) asks for the dialect prompts: one engine request per speaker before
+the turns (``get_speech_prelude``), whose tokens reach every turn's prompt
+as ``TextToSpeechParams.prelude``.
 """
 
 from __future__ import annotations
@@ -101,6 +111,9 @@ PARALINGUISTIC_TAGS = (
     "<|throat_clearing|>",
 )
 MAX_SPEAKERS = len(SPEAKER_TOKENS)
+# extra_args key of the dialect prompt texts (the original's
+# ``dialect_prompt_text``, one per speaker)
+DIALECT_PROMPT_KEY = "dialect_prompt_text"
 
 _CJK = "\u4e00-\u9fff"
 
@@ -186,6 +199,40 @@ def turn_text(speaker: int, text: str) -> str:
     """The LM input of one dialogue turn (generation continues after it)."""
     text = normalize_text(text)
     return f"{SPEAKER_TOKENS[speaker]}{TEXT_START}{text}{TEXT_END}{AUDIO_START}"
+
+
+def dialect_prompt_inputs(
+    prompts: Sequence[Sequence[int]],
+    dialect_ids: Sequence[Sequence[int]],
+    task_ids: Sequence[int],
+) -> list[list[int]]:
+    """The inputs ``forward_longform`` re-generates each speaker's prompt
+    from (``use_dialect_prompt``): the task token (speaker 0's prompt
+    already starts with it), the speaker's zero-shot prompt (transcript,
+    speech tokens, speech eos), then its dialect text as a turn
+    (``<|SPEAKER_i|><|text_start|>{dialect text}<|text_end|>
+    <|semantic_token_start|>``). Each is generated on its own, with the
+    turns' sampling."""
+    return [
+        (list(task_ids) if i > 0 else []) + list(p) + list(d)
+        for i, (p, d) in enumerate(zip(prompts, dialect_ids))
+    ]
+
+
+def dialect_prompts(
+    dialect_ids: Sequence[Sequence[int]],
+    generated: Sequence[Sequence[int]],
+    task_ids: Sequence[int],
+) -> list[list[int]]:
+    """The speakers' prompts after the re-generation, as
+    ``forward_longform`` keeps them for every turn and for the context
+    reset: the task token before speaker 0, the dialect text, the generated
+    tokens (the speech eos included when generated). The zero-shot
+    transcript and speech tokens are gone from the LM context."""
+    return [
+        (list(task_ids) if i == 0 else []) + list(d) + list(g)
+        for i, (d, g) in enumerate(zip(dialect_ids, generated))
+    ]
 
 
 def dialogue_context(
@@ -518,6 +565,109 @@ class SoulXPodcastForCausalLM(
         return [f"[S{spk + 1}]{text}" for spk, text in turns]
 
     @classmethod
+    def dialect_texts(
+        cls, params: TextToSpeechParams, num_speakers: int
+    ) -> list[str] | None:
+        """``extra_args.dialect_prompt_text``: one dialect text per speaker
+        (``voices`` order), ``""`` for a speaker without one; a string for a
+        one-speaker request. A text must start with ``<|Henan|>``,
+        ``<|Sichuan|>`` or ``<|Yue|>`` (the original's parser). None when
+        not asked for, or when every text is empty (the original then skips
+        the re-generation); otherwise every speaker's prompt is
+        re-generated, an empty text too, as the original does."""
+        value = (params.extra or {}).get(DIALECT_PROMPT_KEY)
+        if value is None:
+            return None
+        key = f"extra_args.{DIALECT_PROMPT_KEY}"
+        if isinstance(value, str) and num_speakers == 1:
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            raise ValueError(
+                f"{key} must be a list of strings, one dialect prompt text per "
+                'voice ("" for a speaker without one)'
+            )
+        if len(value) != num_speakers:
+            raise ValueError(
+                f"{key} has {len(value)} text(s) for {num_speakers} speaker "
+                'voice(s); give one per voice, in order ("" for none)'
+            )
+        tok = None
+        for i, text in enumerate(value):
+            if not text:
+                continue
+            tag = next((t for t in DIALECT_TAGS if text.startswith(t)), None)
+            if tag is None:
+                raise ValueError(
+                    f"{key}[{i}] (speaker S{i + 1}) must start with a dialect "
+                    f"tag: {', '.join(DIALECT_TAGS)}"
+                )
+            if tok is None:
+                tok = cls._tokenizer(params.model_config)
+            try:
+                tok.token_id(tag)
+            except ValueError:
+                raise ValueError(
+                    f"{key}: this model's tokenizer has no {tag} token; dialect "
+                    "prompts need the SoulX-Podcast-1.7B-dialect release"
+                ) from None
+            if not text[len(tag) :].strip():
+                raise ValueError(f"{key}[{i}] (speaker S{i + 1}) has no text")
+        return list(value) if any(value) else None
+
+    @classmethod
+    def _dialect_ids(
+        cls, model_config: ModelConfig, texts: Sequence[str]
+    ) -> tuple[list[list[int]], list[int]]:
+        tok = cls._tokenizer(model_config)
+        dialect = [tok.encode(turn_text(i, t)) for i, t in enumerate(texts)]
+        return dialect, tok.encode(TASK_PODCAST)
+
+    @classmethod
+    def get_speech_prelude(
+        cls, params: TextToSpeechParams, sampling_kwargs: dict[str, Any]
+    ) -> list[tuple[Any, SamplingParams]]:
+        """The engine requests to run before the turns: with dialect
+        prompts, one per speaker (``dialect_prompt_inputs``), sampled as the
+        turns are (the original passes the same ``SamplingParams``); none
+        otherwise. Their generated ids come back as ``params.prelude``."""
+        from vllm.inputs import TokensPrompt
+
+        mc = params.model_config
+        voices = cls._speaker_voices(params)
+        texts = cls.dialect_texts(params, len(voices))
+        if texts is None:
+            return []
+        dialect, task = cls._dialect_ids(mc, texts)
+        inputs = dialect_prompt_inputs(cls.speaker_prompts(mc, voices), dialect, task)
+        return [
+            (
+                TokensPrompt(prompt_token_ids=ids),
+                cls.get_speech_sampling_params(params, dict(sampling_kwargs)),
+            )
+            for ids in inputs
+        ]
+
+    @classmethod
+    def context_prompts(
+        cls, params: TextToSpeechParams, voices: Sequence[VoicePrompt]
+    ) -> list[list[int]]:
+        """The speakers' prompts the turns are generated after: the
+        zero-shot prompts, or with dialect prompts the re-generated ones
+        (``params.prelude``)."""
+        mc = params.model_config
+        texts = cls.dialect_texts(params, len(voices))
+        if texts is None:
+            return cls.speaker_prompts(mc, voices)
+        if len(params.prelude) != len(voices):
+            raise ValueError(
+                "dialect prompts: the re-generated speaker prompts are missing "
+                f"(got {len(params.prelude)} for {len(voices)} speakers; run "
+                "get_speech_prelude first)"
+            )
+        dialect, task = cls._dialect_ids(mc, texts)
+        return dialect_prompts(dialect, params.prelude, task)
+
+    @classmethod
     def speaker_prompts(
         cls, model_config: ModelConfig, voices: Sequence[VoicePrompt]
     ) -> list[list[int]]:
@@ -551,7 +701,7 @@ class SoulXPodcastForCausalLM(
             (cls._turn_ids(mc, text)[1], list(out)) for text, out in params.context
         ]
         ids = dialogue_context(
-            cls.speaker_prompts(mc, voices),
+            cls.context_prompts(params, voices),
             previous,
             turn,
             **dict(mc.hf_config.soulx_context),
@@ -625,36 +775,17 @@ class SoulXToken2Wav(CosyVoice2Token2Wav):
     def from_pretrained(
         cls, model_dir: str, device: str | torch.device = "cpu", **kwargs: Any
     ) -> SoulXToken2Wav:
-        import dataclasses
-
-        from vllm.model_executor.models.cosyvoice_flow import (
-            CosyVoiceFlowConfig,
-            load_flow,
-        )
-        from vllm.model_executor.models.cosyvoice_hift import HiFTConfig, load_hift
         from vllm.transformers_utils.soulx_podcast import soulx_settings
 
         conf = soulx_settings(model_dir)
-        flow_cfg = (
-            CosyVoiceFlowConfig.from_dict(conf["flow"])
-            if isinstance(conf.get("flow"), dict)
-            else CosyVoiceFlowConfig()
+        dims = {k: conf[k] for k in ("flow", "hift") if isinstance(conf.get(k), dict)}
+        return cls.from_settings(
+            model_dir,
+            {**dims, "sample_rate": 24000},
+            device,
+            n_timesteps=cls.N_TIMESTEPS,
+            **kwargs,
         )
-        flow_cfg = dataclasses.replace(flow_cfg, n_timesteps=cls.N_TIMESTEPS)
-        hift_cfg = (
-            HiFTConfig.from_dict(conf["hift"])
-            if isinstance(conf.get("hift"), dict)
-            else HiFTConfig()
-        )
-
-        def _load(name: str) -> Any:
-            return torch.load(
-                os.path.join(model_dir, name), map_location="cpu", weights_only=True
-            )
-
-        flow = load_flow(_load("flow.pt"), flow_cfg)
-        hift = load_hift(_load("hift.pt"), hift_cfg)
-        return cls(flow, hift, sample_rate=24000, **kwargs).to(device).eval()
 
 
 class SoulXPodcastSpeechDecoder(CosyVoice2SpeechDecoder):
