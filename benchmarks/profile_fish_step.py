@@ -3,10 +3,16 @@
 """Where a Fish Speech decode step spends its time (GPU machine).
 
 Runs the engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) on a checkpoint
-made by bench_fish_speech.py and prints the cProfile of a batch-1 generate
-and CUDA-synchronised timings of the model's pieces.
+made by bench_fish_speech.py and prints, for a batch-1 generate:
 
-    python benchmarks/profile_fish_step.py --ckpt /tmp/fish-s1-bench
+* frames/s;
+* the GPU side: CUDA kernel time and kernel count per frame (torch.profiler),
+  the 25 costliest kernels; kernel time well below the step time means the
+  step is bound by host work, not by the GPU;
+* the host side: the cProfile of the engine step (``--cprofile``).
+
+    python benchmarks/profile_fish_step.py --ckpt /tmp/fish-s1-bench \\
+        [--fuse-fast-loop] [--async-scheduling] [--cprofile]
 """
 
 import argparse
@@ -22,12 +28,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", default="/tmp/fish-s1-bench")
     ap.add_argument("--frames", type=int, default=128)
+    ap.add_argument("--fuse-fast-loop", action="store_true")
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="ask for async scheduling (multi-codebook path)")
+    ap.add_argument("--cprofile", action="store_true")
     a = ap.parse_args()
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    kwargs = {}
+    if a.async_scheduling:
+        kwargs["async_scheduling"] = True
     llm = LLM(a.ckpt, dtype="bfloat16", max_model_len=4096, max_num_seqs=8,
-              gpu_memory_utilization=0.6)
+              gpu_memory_utilization=0.6,
+              hf_overrides={"fuse_fast_loop": True} if a.fuse_fast_loop else None,
+              **kwargs)
     prompt = TokensPrompt(prompt_token_ids=list(range(300, 364)))
     params = SamplingParams(max_tokens=a.frames, min_tokens=a.frames,
                             ignore_eos=True, detokenize=False, temperature=0.8,
@@ -36,12 +54,23 @@ def main() -> None:
     t0 = time.perf_counter()
     llm.generate([prompt], params, use_tqdm=False)
     dt = time.perf_counter() - t0
-    print(f"batch 1: {a.frames / dt:.1f} frames/s")
-    prof = cProfile.Profile()
-    prof.enable()
-    llm.generate([prompt], params, use_tqdm=False)
-    prof.disable()
-    pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
+    print(f"batch 1: {a.frames / dt:.1f} frames/s ({dt / a.frames * 1e3:.2f} "
+          "ms per frame)")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        llm.generate([prompt], params, use_tqdm=False)
+        torch.cuda.synchronize()
+    stats = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    kernel_us = sum(e.self_device_time_total for e in stats)
+    launches = sum(e.count for e in stats)
+    print(f"GPU: {kernel_us / a.frames / 1e3:.2f} ms of kernels and "
+          f"{launches / a.frames:.0f} kernels per frame")
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=25))
+    if a.cprofile:
+        p = cProfile.Profile()
+        p.enable()
+        llm.generate([prompt], params, use_tqdm=False)
+        p.disable()
+        pstats.Stats(p).sort_stats("cumulative").print_stats(45)
 
 
 if __name__ == "__main__":
