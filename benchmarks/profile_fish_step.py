@@ -12,7 +12,7 @@ made by bench_fish_speech.py and prints, for a batch-1 generate:
 * the host side: the cProfile of the engine step (``--cprofile``).
 
     python benchmarks/profile_fish_step.py --ckpt /tmp/fish-s1-bench \\
-        [--fuse-fast-loop] [--async-scheduling] [--cprofile]
+        [--fuse-fast-loop] [--cprofile]
 """
 
 import argparse
@@ -29,8 +29,6 @@ def main() -> None:
     ap.add_argument("--ckpt", default="/tmp/fish-s1-bench")
     ap.add_argument("--frames", type=int, default=128)
     ap.add_argument("--fuse-fast-loop", action="store_true")
-    ap.add_argument("--async-scheduling", action="store_true",
-                    help="ask for async scheduling (multi-codebook path)")
     ap.add_argument("--cprofile", action="store_true")
     a = ap.parse_args()
     import torch
@@ -39,13 +37,9 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    kwargs = {}
-    if a.async_scheduling:
-        kwargs["async_scheduling"] = True
     llm = LLM(a.ckpt, dtype="bfloat16", max_model_len=4096, max_num_seqs=8,
               gpu_memory_utilization=0.6,
-              hf_overrides={"fuse_fast_loop": True} if a.fuse_fast_loop else None,
-              **kwargs)
+              hf_overrides={"fuse_fast_loop": True} if a.fuse_fast_loop else None)
     prompt = TokensPrompt(prompt_token_ids=list(range(300, 364)))
     params = SamplingParams(max_tokens=a.frames, min_tokens=a.frames,
                             ignore_eos=True, detokenize=False, temperature=0.8,
