@@ -212,7 +212,8 @@ def prompt_ids(ckpt: Path) -> list[int]:
 
 
 def bench_vllm(ckpt: Path, frames: int, concurrencies: list[int], sampling: dict,
-               semantic_only_head: bool | None, fuse_fast_loop: bool = False) -> dict:
+               semantic_only_head: bool | None, fuse_fast_loop: bool = False,
+               async_scheduling: bool = True) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -222,7 +223,7 @@ def bench_vllm(ckpt: Path, frames: int, concurrencies: list[int], sampling: dict
         overrides["fuse_fast_loop"] = True
     llm = LLM(str(ckpt), dtype="bfloat16", max_model_len=4096,
               max_num_seqs=max(concurrencies), gpu_memory_utilization=0.6,
-              hf_overrides=overrides or None)
+              hf_overrides=overrides or None, async_scheduling=async_scheduling)
     from vllm.model_executor.models.fish_speech_tts import build_fish_prompt
 
     model_config = llm.llm_engine.vllm_config.model_config
@@ -235,7 +236,8 @@ def bench_vllm(ckpt: Path, frames: int, concurrencies: list[int], sampling: dict
 
     out = {"prompt_tokens": len(ids), "by_concurrency": {},
            "semantic_only_head": semantic_only_head,
-           "fuse_fast_loop": fuse_fast_loop}
+           "fuse_fast_loop": fuse_fast_loop,
+           "async_scheduling": async_scheduling}
     for c in concurrencies:
         # warm-up at this batch size (captures its fast-loop CUDA graph)
         llm.generate([prompt] * c, params(4), use_tqdm=False)
@@ -267,6 +269,8 @@ def main() -> None:
     ap.add_argument("--fuse-fast-loop", action="store_true",
                     help="vLLM: hf_overrides fuse_fast_loop (torch.compile "
                     "of the codebook loop before CUDA-graph capture)")
+    ap.add_argument("--no-async-scheduling", action="store_true",
+                    help="vLLM: schedule synchronously (async is the default)")
     ap.add_argument("--frames", type=int, default=256)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--compile", action="store_true",
@@ -307,7 +311,7 @@ def main() -> None:
             a.out.write_text(json.dumps(result, indent=2))  # partial results
     soh = {"default": None, "on": True, "off": False}[a.semantic_only_head]
     result["vllm"] = bench_vllm(a.ckpt, a.frames, a.concurrency, sampling, soh,
-                                a.fuse_fast_loop)
+                                a.fuse_fast_loop, not a.no_async_scheduling)
     origs = [result[k] for k in ("original", "original_compiled") if k in result]
     if origs:
         best = max(origs, key=lambda r: r["frames_per_s"])

@@ -12,7 +12,7 @@ made by bench_fish_speech.py and prints, for a batch-1 generate:
 * the host side: the cProfile of the engine step (``--cprofile``).
 
     python benchmarks/profile_fish_step.py --ckpt /tmp/fish-s1-bench \\
-        [--fuse-fast-loop] [--cprofile]
+        [--fuse-fast-loop] [--cprofile] [--no-async-scheduling]
 """
 
 import argparse
@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=128)
     ap.add_argument("--fuse-fast-loop", action="store_true")
     ap.add_argument("--cprofile", action="store_true")
+    ap.add_argument("--no-async-scheduling", action="store_true",
+                    help="schedule synchronously (async is the default)")
     a = ap.parse_args()
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -39,6 +41,7 @@ def main() -> None:
 
     llm = LLM(a.ckpt, dtype="bfloat16", max_model_len=4096, max_num_seqs=8,
               gpu_memory_utilization=0.6,
+              async_scheduling=not a.no_async_scheduling,
               hf_overrides={"fuse_fast_loop": True} if a.fuse_fast_loop else None)
     prompt = TokensPrompt(prompt_token_ids=list(range(300, 364)))
     params = SamplingParams(max_tokens=a.frames, min_tokens=a.frames,

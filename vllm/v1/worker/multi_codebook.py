@@ -15,6 +15,14 @@ same codes as the first pass. Prompt positions may carry codes too (e.g.
 reference audio for voice cloning): they come from
 ``SamplingParams.extra_args["prompt_aux_codes"]``, a list of
 ``[position, code_1, ..., code_{K-1}]`` rows.
+
+Under async scheduling the next step is prepared while the device still
+runs the current one, so the codes just sampled are not on the host yet.
+They stay on the device as the step's ``_PendingCodes``: the next step
+gathers them into its input (where vLLM gathers the last sampled token ids)
+and into the last row of the sampling history, and they are written to the
+host frames, with the main token ids replacing vLLM's ``-1`` placeholders in
+``output_token_ids``, once the step after has been launched.
 """
 
 from __future__ import annotations
@@ -87,6 +95,45 @@ def validate_multi_codebook_request(
             )
 
 
+class _NoEvent:
+    """Stand-in for a CUDA event where copies are synchronous (CPU)."""
+
+    def record(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _PendingCodes:
+    """One step's sampled tokens and codes, still on the device."""
+
+    __slots__ = ("main", "aux", "main_cpu", "aux_cpu", "event", "rows")
+
+    def __init__(
+        self,
+        main: torch.Tensor,
+        aux: torch.Tensor,
+        rows: dict[str, tuple[int, int]],
+        event: Any,
+    ) -> None:
+        self.main = main  # [R] int64
+        self.aux = aux  # [R, num_aux] int64
+        # req_id -> (row in the step's batch, position of the new token)
+        self.rows = rows
+        self.main_cpu = main.to("cpu", non_blocking=True)
+        self.aux_cpu = aux.to("cpu", non_blocking=True)
+        self.event = event
+        event.record()
+
+    def hit(self, req_id: str, lo: int, hi: int) -> tuple[int, int] | None:
+        """(row, position) of ``req_id`` if its new token lies in [lo, hi)."""
+        row_pos = self.rows.get(req_id)
+        if row_pos is not None and lo <= row_pos[1] < hi:
+            return row_pos
+        return None
+
+
 class MultiCodebookRunnerState:
     """The V1 runner's hooks for ``SupportsMultiCodebook`` models."""
 
@@ -97,6 +144,14 @@ class MultiCodebookRunnerState:
         self.frames: dict[str, np.ndarray] = {}
         self._pending_aux: torch.Tensor | None = None
         self._saved_generators: dict[int, torch.Tensor] = {}
+        # Async scheduling: the last step's codes, still on the device.
+        self._pending: _PendingCodes | None = None
+        # Codes sampled by the current step ([R, num_aux], device).
+        self._step_aux: torch.Tensor | None = None
+        # Position of each scheduled request's next token (this step).
+        self._next_pos: dict[str, int] = {}
+        # Pinned staging buffers for host -> device copies (async only).
+        self._staging: dict[str, tuple[torch.Tensor, Any]] = {}
 
     @property
     def model(self) -> Any:
@@ -117,6 +172,68 @@ class MultiCodebookRunnerState:
     @property
     def window(self) -> int:
         return int(getattr(self.model, "codebook_history_window", 0))
+
+    @property
+    def async_scheduling(self) -> bool:
+        return bool(getattr(self.runner, "use_async_scheduling", False))
+
+    def _event(self) -> Any:
+        if torch.device(self.runner.device).type == "cuda":
+            return torch.cuda.Event()
+        return _NoEvent()
+
+    def _upload(self, name: str, arr: np.ndarray) -> torch.Tensor:
+        """Host -> device copy of a small int64 array.
+
+        With async scheduling a copy from pageable memory could wait for the
+        device, so it goes through a pinned staging buffer, reused once its
+        previous copy has completed (long done: it fed the step before)."""
+        device = self.runner.device
+        if not self.async_scheduling or torch.device(device).type != "cuda":
+            return torch.from_numpy(arr).to(device, non_blocking=True)
+        buf, event = self._staging.get(name, (None, None))
+        if event is not None:
+            event.synchronize()
+        n = arr.size
+        if buf is None or buf.numel() < n:
+            size = max(n, 1024, 2 * (buf.numel() if buf is not None else 0))
+            buf = torch.empty(size, dtype=torch.int64, pin_memory=True)
+        host = buf[:n]
+        host.numpy()[:] = arr.reshape(-1)
+        out = host.view(arr.shape).to(device, non_blocking=True)
+        event = self._event()
+        event.record()
+        self._staging[name] = (buf, event)
+        return out
+
+    def _store(self, req_id: str, frames: np.ndarray, pos: int,
+               codes: np.ndarray) -> None:
+        if pos >= frames.shape[0]:
+            grown = np.zeros((pos + 64, self.num_aux), np.int64)
+            grown[: frames.shape[0]] = frames
+            self.frames[req_id] = frames = grown
+        frames[pos] = codes
+
+    def flush(self) -> None:
+        """Write the pending step's codes to the host frames and its token
+        ids over the ``-1`` placeholders of ``output_token_ids``."""
+        pend, self._pending = self._pending, None
+        if pend is None:
+            return
+        pend.event.synchronize()
+        main = pend.main_cpu.tolist()
+        aux = pend.aux_cpu.numpy()
+        requests = self.runner.requests
+        for req_id, (row, pos) in pend.rows.items():
+            frames = self.frames.get(req_id)
+            req_state = requests.get(req_id)
+            if frames is None or req_state is None:
+                continue  # finished meanwhile
+            self._store(req_id, frames, pos, aux[row])
+            out = req_state.output_token_ids
+            k = pos - req_state.num_prompt_tokens
+            if 0 <= k < len(out) and out[k] == -1:
+                out[k] = main[row]
 
     # ---- request life cycle -------------------------------------------------
 
@@ -152,10 +269,24 @@ class MultiCodebookRunnerState:
         """Input embeddings of the scheduled tokens, codes included."""
         runner = self.runner
         batch: InputBatch = runner.input_batch
+        spans = [
+            (req_id, int(batch.num_computed_tokens_cpu[i]),
+             scheduler_output.num_scheduled_tokens[req_id])
+            for i, req_id in enumerate(batch.req_ids)
+        ]
+        pend = self._pending
+        if pend is not None and any(
+            pend.hit(req_id, start, start + n - 1) for req_id, start, n in spans
+        ):
+            # A pending code is needed before the last scheduled position
+            # (e.g. a request resumed after preemption): wait for it.
+            self.flush()
+            pend = None
         chunks = []
-        for i, req_id in enumerate(batch.req_ids):
-            n = scheduler_output.num_scheduled_tokens[req_id]
-            start = int(batch.num_computed_tokens_cpu[i])
+        gather: list[tuple[int, int]] = []  # (input row, pending row)
+        self._next_pos = {}
+        offset = 0
+        for req_id, start, n in spans:
             frames = self._frames_of(runner.requests[req_id])
             chunk = frames[start : start + n]
             if chunk.shape[0] < n:  # only past max_tokens; codes are zeros
@@ -163,9 +294,19 @@ class MultiCodebookRunnerState:
                     [chunk, np.zeros((n - chunk.shape[0], self.num_aux), np.int64)]
                 )
             chunks.append(chunk)
+            if pend is not None and n > 0:
+                row_pos = pend.hit(req_id, start + n - 1, start + n)
+                if row_pos is not None:
+                    gather.append((offset + n - 1, row_pos[0]))
+            self._next_pos[req_id] = start + n
+            offset += n
         aux = np.concatenate(chunks) if chunks else np.zeros((0, self.num_aux))
         assert aux.shape[0] == num_scheduled_tokens
-        aux_t = torch.from_numpy(aux).to(runner.device, non_blocking=True)
+        aux_t = self._upload("aux", aux.astype(np.int64, copy=False))
+        if gather:
+            assert pend is not None
+            idx = self._upload("aux_idx", np.asarray(gather, np.int64).T.copy())
+            aux_t[idx[0]] = pend.aux[idx[1]]
         return self.model.embed_input_ids(
             runner.input_ids.gpu[:num_scheduled_tokens], aux_codes=aux_t
         )
@@ -184,21 +325,44 @@ class MultiCodebookRunnerState:
             getattr(self.model, "codebook_history_includes_prompt", False)
         )
         hist = np.full((batch.num_reqs, w, k), -1, np.int64)
-        if w:
-            for i, req_id in enumerate(batch.req_ids):
-                req_state = runner.requests[req_id]
-                out = req_state.output_token_ids[-w:]
-                prompt = req_state.prompt_token_ids
-                if with_prompt and len(out) < w and prompt:
-                    start = max(0, len(prompt) - (w - len(out)))
-                    out = list(prompt[start:]) + list(out)
-                n = len(out)
-                if n == 0:
-                    continue
-                end = req_state.num_prompt_tokens + len(req_state.output_token_ids)
-                hist[i, :n, 0] = out
-                hist[i, :n, 1:] = self._frames_of(req_state)[end - n : end]
-        return torch.from_numpy(hist).to(runner.device, non_blocking=True)
+        if not w:
+            return self._upload("hist", hist)
+        pend = self._pending
+        if pend is not None and any(
+            pend.hit(req_id, 0, self._end_of(runner.requests[req_id]) - 1)
+            for req_id in batch.req_ids
+        ):
+            self.flush()  # an older pending frame is inside the window
+            pend = None
+        gather: list[tuple[int, int, int]] = []  # (row, column, pending row)
+        for i, req_id in enumerate(batch.req_ids):
+            req_state = runner.requests[req_id]
+            out = req_state.output_token_ids[-w:]
+            prompt = req_state.prompt_token_ids
+            if with_prompt and len(out) < w and prompt:
+                start = max(0, len(prompt) - (w - len(out)))
+                out = list(prompt[start:]) + list(out)
+            n = len(out)
+            if n == 0:
+                continue
+            end = self._end_of(req_state)
+            hist[i, :n, 0] = out
+            hist[i, :n, 1:] = self._frames_of(req_state)[end - n : end]
+            if pend is not None:
+                row_pos = pend.hit(req_id, end - 1, end)
+                if row_pos is not None:  # the last frame is still on device
+                    gather.append((i, n - 1, row_pos[0]))
+        hist_t = self._upload("hist", hist)
+        if gather:
+            assert pend is not None
+            idx = self._upload("hist_idx", np.asarray(gather, np.int64).T.copy())
+            hist_t[idx[0], idx[1], 0] = pend.main[idx[2]]
+            hist_t[idx[0], idx[1], 1:] = pend.aux[idx[2]]
+        return hist_t
+
+    @staticmethod
+    def _end_of(req_state: CachedRequestState) -> int:
+        return req_state.num_prompt_tokens + len(req_state.output_token_ids)
 
     def sample(
         self, logits: torch.Tensor, hidden_states: torch.Tensor
@@ -224,7 +388,22 @@ class MultiCodebookRunnerState:
                 f"sample_codebooks returned codes of shape {tuple(aux.shape)}, "
                 f"expected ({main_ids.shape[0]}, {self.num_aux})"
             )
-        self._pending_aux = aux
+        self._step_aux = aux
+        if self.async_scheduling:
+            # The previous step's codes are complete on the device by the
+            # time this step's are sampled: move them to the host now.
+            self.flush()
+            discard_mask = runner.discard_request_mask.np[:num_reqs]
+            rows = {
+                req_id: (i, self._next_pos[req_id])
+                for i, req_id in enumerate(runner.input_batch.req_ids)
+                if not discard_mask[i] and req_id in self._next_pos
+            }
+            self._pending = _PendingCodes(
+                main_ids.long(), aux.long(), rows, self._event()
+            )
+        else:
+            self._pending_aux = aux
         logprobs_tensors = None
         max_num_logprobs = sampling_metadata.max_num_logprobs
         if max_num_logprobs is not None:
@@ -237,9 +416,17 @@ class MultiCodebookRunnerState:
             logprobs_tensors=logprobs_tensors,
         )
 
+    def step_codes(self) -> torch.Tensor | None:
+        """The codes sampled by this step ([num_reqs, num_aux], batch order,
+        on the device) for the async engine output."""
+        aux, self._step_aux = self._step_aux, None
+        return aux
+
     def record(self, valid_sampled_token_ids: list[list[int]]) -> np.ndarray | None:
         """After bookkeeping: store the step's codes at the new positions and
-        return them ([num_reqs, num_aux], batch order) for the engine output."""
+        return them ([num_reqs, num_aux], batch order) for the engine output.
+        With async scheduling the codes are stored one step later (flush) and
+        returned through ``step_codes``; this returns None."""
         runner = self.runner
         generators = runner.input_batch.sampling_metadata.generators
         for i, state in self._saved_generators.items():
@@ -250,17 +437,14 @@ class MultiCodebookRunnerState:
         if aux is None:
             return None
         aux_np = aux.to("cpu", torch.int64).numpy()
+        self._step_aux = None
         for i, req_id in enumerate(runner.input_batch.req_ids):
             if i >= len(valid_sampled_token_ids) or not valid_sampled_token_ids[i]:
                 continue
             req_state = runner.requests[req_id]
             frames = self._frames_of(req_state)
             pos = req_state.num_prompt_tokens + len(req_state.output_token_ids) - 1
-            if pos >= frames.shape[0]:
-                grown = np.zeros((pos + 64, self.num_aux), np.int64)
-                grown[: frames.shape[0]] = frames
-                self.frames[req_id] = frames = grown
-            frames[pos] = aux_np[i]
+            self._store(req_id, frames, pos, aux_np[i])
         return aux_np
 
     def dummy_sample(self, logits: torch.Tensor, hidden_states: torch.Tensor) -> None:
