@@ -21,6 +21,8 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU")
+# The test process touches CUDA: engine cores must be spawned, not forked.
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 TOOLS = Path(os.path.realpath(__file__)).parents[3] / "tools"
 sys.path.insert(0, str(TOOLS))
