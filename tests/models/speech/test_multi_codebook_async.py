@@ -25,11 +25,16 @@ NUM_AUX, BOOK, WINDOW = 2, 7, 3
 
 
 class _Model:
+    """Codes and tokens derived from the fed-back input and the history, so a
+    wrong feed-back or window changes every later step. ``num_aux=0`` with
+    ``with_prompt`` is the CosyVoice / SoulX-Podcast use (RAS window only)."""
+
     supports_multi_codebook = True
-    num_aux_codebooks = NUM_AUX
     codebook_history_window = WINDOW
 
-    def __init__(self):
+    def __init__(self, num_aux=NUM_AUX, with_prompt=False):
+        self.num_aux_codebooks = num_aux
+        self.codebook_history_includes_prompt = with_prompt
         self.log: list[tuple[str, list]] = []
 
     def embed_input_ids(self, input_ids, aux_codes=None):
@@ -43,7 +48,7 @@ class _Model:
         hist_sum = torch.where(valid[..., None], history, 0).sum(dim=(1, 2))
         last = hidden_states.sum(dim=1)
         main = 20 + (3 * last + hist_sum) % 50
-        ks = torch.arange(NUM_AUX)
+        ks = torch.arange(self.num_aux_codebooks)
         aux = (main[:, None] * (ks + 2) + hist_sum[:, None] + ks) % BOOK
         return main, aux
 
@@ -51,11 +56,11 @@ class _Model:
 class _Runner:
     """The attributes of GPUModelRunner the state uses, driven by run()."""
 
-    def __init__(self, use_async: bool):
+    def __init__(self, use_async: bool, **model_kw):
         self.use_async_scheduling = use_async
         self.device = torch.device("cpu")
         self.max_model_len = 64
-        self.model = _Model()
+        self.model = _Model(**model_kw)
         self.requests: dict[str, SimpleNamespace] = {}
         self.input_batch = SimpleNamespace(
             req_ids=[], num_reqs=0,
@@ -99,11 +104,13 @@ SCHEDULE = [
 ]
 
 
-def run(use_async: bool):
-    runner = _Runner(use_async)
+def run(use_async: bool, num_aux=NUM_AUX, with_prompt=False):
+    runner = _Runner(use_async, num_aux=num_aux, with_prompt=with_prompt)
     state = MultiCodebookRunnerState(runner)
     truth: dict[str, list[int]] = {}  # real output ids (what the GPU holds)
     for req_id, (prompt, codes) in PROMPTS.items():
+        if codes and num_aux == 0:
+            codes = None
         runner.requests[req_id] = _request(req_id, prompt, codes)
         truth[req_id] = []
     for sched in SCHEDULE:
@@ -159,9 +166,11 @@ def run(use_async: bool):
     return runner.model.log, outs, frames, truth
 
 
-def test_async_matches_sync():
-    sync_log, sync_out, sync_frames, truth = run(use_async=False)
-    async_log, async_out, async_frames, _ = run(use_async=True)
+@pytest.mark.parametrize("num_aux, with_prompt", [(NUM_AUX, False), (0, True)],
+                         ids=["fish", "ras-window"])
+def test_async_matches_sync(num_aux, with_prompt):
+    sync_log, sync_out, sync_frames, truth = run(False, num_aux, with_prompt)
+    async_log, async_out, async_frames, _ = run(True, num_aux, with_prompt)
     assert len(sync_log) == len(async_log)
     for s, a in zip(sync_log, async_log):
         assert s == a
@@ -169,8 +178,11 @@ def test_async_matches_sync():
     assert async_out == sync_out == truth
     assert async_frames == sync_frames
     # the run is not trivial: codes vary and the history windows fill up
-    codes = [c for kind, v in sync_log if kind == "codes" for c in v]
-    assert len({tuple(c) for c in codes}) > 3
+    tokens = {t for ids in truth.values() for t in ids}
+    assert len(tokens) > 3
+    if num_aux:
+        codes = [c for kind, v in sync_log if kind == "codes" for c in v]
+        assert len({tuple(c) for c in codes}) > 3
     hist = [v for kind, v in sync_log if kind == "history"]
     assert any(all(f[0] >= 0 for f in row) for h in hist for row in h)
 
