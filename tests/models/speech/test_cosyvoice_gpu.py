@@ -4,7 +4,8 @@
 server's decode worker share batched rounds (the session's tokens arrive as
 Python ints on the CPU while the flow, the prompt and the speaker embedding
 live on the GPU), with no batch falling back to one chunk at a time, and
-give the audio of each session decoded alone.
+give the audio of each session decoded alone; and the LMs give the same
+seeded RAS tokens with async scheduling (their default) as without.
 
 Skipped without CUDA (CI is CPU-only); run on the GPU machine with
 ``pytest tests/models/speech/test_cosyvoice_gpu.py``.
@@ -101,3 +102,49 @@ def test_decode_worker_rounds_on_gpu(kind, tmp_path, monkeypatch):
         assert a.shape == b.shape
         err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-9)
         assert err < 1e-3, err
+
+
+@pytest.mark.parametrize("kind", ["cosyvoice2", "cosyvoice3"])
+def test_lm_async_scheduling_equals_sync(kind, tmp_path):
+    """The LM's RAS sampler reads the runner's history window; under async
+    scheduling (the default) its last frame comes from the device. Seeded
+    RAS sampling of a batch must give the tokens of sync scheduling."""
+    from vllm import LLM
+    from vllm.config.text_to_speech import TextToSpeechParams
+    from vllm.inputs import TokensPrompt
+
+    if kind == "cosyvoice2":
+        from make_cosyvoice2_checkpoint import make_release_dir
+    else:
+        from make_cosyvoice3_checkpoint import make_release_dir
+    out = tmp_path / kind
+    make_release_dir(out, "tiny", seed=0)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    texts = ["The quick brown fox.", "Jumps over the lazy dog, twice.", "Hello."]
+    results = {}
+    for async_ in (True, False):
+        llm = LLM(model=str(out), dtype="float32", max_model_len=1024,
+                  max_num_seqs=4, gpu_memory_utilization=0.2,
+                  async_scheduling=async_)
+        try:
+            assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling \
+                is async_
+            from vllm.model_executor.model_loader import get_model_cls
+
+            model_cls = get_model_cls(llm.llm_engine.model_config)
+            prompts, params = [], []
+            for i, text in enumerate(texts):
+                p = TextToSpeechParams(text=text,
+                                       model_config=llm.llm_engine.model_config,
+                                       voice=None, speaker=None, extra={})
+                prompts.append(TokensPrompt(
+                    **model_cls.get_speech_generation_prompt(p)))
+                params.append(model_cls.get_speech_sampling_params(
+                    p, {"temperature": 1.0, "top_p": 0.8, "top_k": 25,
+                        "seed": 7 + i, "max_tokens": 200}))
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            results[async_] = [list(o.outputs[0].token_ids) for o in outs]
+        finally:
+            del llm
+    assert results[True] == results[False]
+    assert all(len(t) > 5 for t in results[True])
