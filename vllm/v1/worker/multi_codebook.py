@@ -82,9 +82,7 @@ def validate_multi_codebook_request(
 
     model_cls = get_model_cls(model_config)
     sizes = list(model_cls.get_aux_codebook_sizes(model_config))
-    codes = parse_prompt_aux_codes(
-        extra_args, len(prompt_token_ids or []), len(sizes)
-    )
+    codes = parse_prompt_aux_codes(extra_args, len(prompt_token_ids or []), len(sizes))
     if codes is not None and sizes:
         too_big = codes[:, 1:] >= np.asarray(sizes, np.int64)
         if too_big.any():
@@ -206,8 +204,9 @@ class MultiCodebookRunnerState:
         self._staging[name] = (buf, event)
         return out
 
-    def _store(self, req_id: str, frames: np.ndarray, pos: int,
-               codes: np.ndarray) -> None:
+    def _store(
+        self, req_id: str, frames: np.ndarray, pos: int, codes: np.ndarray
+    ) -> None:
         if pos >= frames.shape[0]:
             grown = np.zeros((pos + 64, self.num_aux), np.int64)
             grown[: frames.shape[0]] = frames
@@ -270,8 +269,11 @@ class MultiCodebookRunnerState:
         runner = self.runner
         batch: InputBatch = runner.input_batch
         spans = [
-            (req_id, int(batch.num_computed_tokens_cpu[i]),
-             scheduler_output.num_scheduled_tokens[req_id])
+            (
+                req_id,
+                int(batch.num_computed_tokens_cpu[i]),
+                scheduler_output.num_scheduled_tokens[req_id],
+            )
             for i, req_id in enumerate(batch.req_ids)
         ]
         pend = self._pending
@@ -474,7 +476,9 @@ class MultiCodebookRunnerState:
             logitsprocs=LogitsProcessors(),
         )
         hist = torch.full(
-            (n, self.window, 1 + self.num_aux), -1, dtype=torch.int64,
+            (n, self.window, 1 + self.num_aux),
+            -1,
+            dtype=torch.int64,
             device=logits.device,
         )
         self.model.sample_codebooks(logits, hidden_states, metadata, hist)
