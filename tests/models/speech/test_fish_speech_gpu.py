@@ -35,7 +35,7 @@ def s1_dir(tmp_path_factory):
     return out
 
 
-def _generate(path, seeds, **llm_kw):
+def _generate(path, seeds, probe=None, **llm_kw):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -43,6 +43,8 @@ def _generate(path, seeds, **llm_kw):
     llm = LLM(model=str(path), dtype="float32", max_model_len=512,
               gpu_memory_utilization=0.3, max_num_seqs=16, **llm_kw)
     try:
+        if probe is not None:
+            assert all(llm.apply_model(probe)), "the model did not take the path"
         prompts = [TokensPrompt(prompt_token_ids=[271 + 11, 104, 101, 108, 108,
                                                   111, 32 + i])
                    for i in range(len(seeds))]
@@ -72,6 +74,61 @@ def test_seeded_rows_fall_back_to_eager(s1_dir):
     b = _generate(s1_dir, seeds, enforce_eager=True)
     # greedy rows identical; seeded rows reproducible across both paths
     assert a == b
+
+
+def _fused_flags(model):
+    return model.fused_fast_block and model.fused_fast_sampler
+
+
+def test_fused_fast_kernels_equal_torch_paths(s1_dir, monkeypatch):
+    """hf_overrides fused_fast_block + fused_fast_sampler (the fast layers on
+    vLLM's CUDA ops, one Triton sampler launch per codebook), fp32: the
+    codes of the torch paths, for greedy rows (CUDA graphs) and seeded rows
+    (eager, the same noise draws from the same generators)."""
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    seeds = [None, 3, None, 5, None]
+    fused = _generate(s1_dir, seeds, probe=_fused_flags,
+                      hf_overrides={"fused_fast_block": True,
+                                    "fused_fast_sampler": True})
+    plain = _generate(s1_dir, seeds)
+    assert fused == plain
+
+
+def test_fused_sampler_matches_torch_on_gpu():
+    """The compiled Triton sampler against the torch reference on CUDA tensors
+    (whose sort of rows longer than 32 is stable, the tie order the kernel
+    implements), bf16-rounded logits (many ties), the same noise."""
+    import vllm.model_executor.models.fish_speech as fish
+    from vllm.model_executor.layers.speech_sampler import fused_sample
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for rows, vocab, s2 in [(64, 1024, False), (64, 4096, True), (3, 100, False)]:
+        logits = (torch.randn(rows, vocab, generator=g, device="cuda") * 1.5
+                  ).to(torch.bfloat16).float()
+        temperature = torch.rand(rows, generator=g, device="cuda") + 0.1
+        top_p = torch.rand(rows, generator=g, device="cuda") * 0.9 + 0.05
+        greedy = torch.rand(rows, generator=g, device="cuda") < 0.2
+        temperature[greedy] = 0
+        penalty = 1 + torch.rand(rows, generator=g, device="cuda")
+        prev = torch.randint(0, vocab, (rows, 16), generator=g, device="cuda")
+        top_k = torch.randint(1, 100, (rows,), generator=g, device="cuda")
+        noise = torch.empty(rows, vocab, device="cuda").exponential_(1, generator=g)
+        saved = fish._exp_noise
+        fish._exp_noise = lambda like, generators, q=noise: q
+        try:
+            if s2:
+                want = fish._s2_sample(logits, greedy, temperature, top_p, top_k,
+                                       {}, False)
+            else:
+                want = fish._fish_sample(logits, greedy, temperature, top_p,
+                                         penalty, prev, {}, False)
+        finally:
+            fish._exp_noise = saved
+        got = fused_sample(logits, greedy, temperature, top_p, noise,
+                           penalty=None if s2 else penalty,
+                           prev=None if s2 else prev,
+                           top_k=top_k if s2 else None)
+        assert torch.equal(got, want), (rows, vocab, s2)
 
 
 def test_semantic_only_head_equals_masked_full_head(s1_dir):

@@ -126,6 +126,14 @@ def ok(server, **fields) -> bytes:
     return body
 
 
+def same_pcm(a: bytes, b: bytes) -> bool:
+    """The same tokens decoded twice: equal up to a few LSB of int16 (the
+    decoder's float sums may be batched differently from one call to the
+    next); different tokens differ by far more."""
+    x, y = np.frombuffer(a, np.int16), np.frombuffer(b, np.int16)
+    return len(x) == len(y) and int(np.abs(x.astype(np.int32) - y).max()) <= 4
+
+
 def _original_greedy_turns(release_dir, dialect=None):
     """The original's ``forward_longform`` LLM loop, greedy, with its HF
     engine's processors (min_new_tokens on the speech eos, repetition
@@ -276,20 +284,21 @@ def test_dialect_prompts_equal_original_loop(client, server, release_dir):
 
     extra = {"dialect_prompt_text": DIALECT}
     one_shot = ok(server, extra_args=extra)
-    assert one_shot != ok(server)
+    assert not same_pcm(one_shot, ok(server))
     streamed = ok(server, extra_args=extra, stream_format="audio")
     assert len(streamed) == len(one_shot) == len(want) * 2
     # every text empty: as without dialect prompts (the original's rule)
-    assert ok(server, extra_args={"dialect_prompt_text": ["", ""]}) == ok(server)
+    empty = ok(server, extra_args={"dialect_prompt_text": ["", ""]})
+    assert same_pcm(empty, ok(server))
 
 
 def test_seeded_sampling_and_voices_matter(server):
     a = ok(server, temperature=None, seed=11)
-    assert a == ok(server, temperature=None, seed=11)
-    assert a != ok(server, temperature=None, seed=12)
+    assert same_pcm(a, ok(server, temperature=None, seed=11))
+    assert not same_pcm(a, ok(server, temperature=None, seed=12))
     greedy = ok(server)
     swapped = ok(server, voices=["spk_b", "spk_a"])
-    assert swapped != greedy
+    assert not same_pcm(swapped, greedy)
 
 
 def test_streaming_and_sse(client, server):

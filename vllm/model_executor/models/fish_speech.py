@@ -62,6 +62,10 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+from vllm.model_executor.layers.speech_sampler import (
+    fused_sample,
+    fused_sample_available,
+)
 from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
@@ -294,6 +298,30 @@ class _FastRMSNorm(nn.Module):
         return out.type_as(x) * self.weight
 
 
+def _ops_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """vLLM's CUDA rms_norm (fp32 statistics, the normalised value cast to the
+    input dtype before the weight, as fish-speech's RMSNorm) of x [T, D]."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    torch.ops._C.rms_norm(out, x, weight, eps)
+    return out
+
+
+def fused_fast_block_available(device: torch.device) -> bool:
+    """Whether vLLM's CUDA ops for ``_FastBlock.forward_ops`` are built."""
+    if device.type != "cuda":
+        return False
+    try:
+        import vllm._C  # noqa: F401
+    except ImportError:
+        return False
+    return all(
+        hasattr(torch.ops._C, op)
+        for op in ("rms_norm", "fused_add_rms_norm", "rotary_embedding",
+                   "silu_and_mul")
+    )
+
+
 class _FastAttention(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
@@ -347,6 +375,40 @@ class _FastAttention(nn.Module):
         y = torch.softmax(scores, dim=-1) @ vals
         return self.wo(y.transpose(1, 2).reshape(b, seqlen, qs))
 
+    def forward_ops(
+        self,
+        x: torch.Tensor,
+        start: int,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor],
+        eps: float,
+    ) -> torch.Tensor:
+        """``forward`` with vLLM's CUDA ops: x [R, L, D] -> [R*L, D]; RoPE
+        in place on the q/k views of the qkv GEMM's output, GQA attention in
+        one SDPA call."""
+        b, seqlen, _ = x.shape
+        qs, kvs = self.n_head * self.head_dim, self.n_kv * self.head_dim
+        q, k, v = self.wqkv(x.view(b * seqlen, -1)).split([qs, kvs, kvs], dim=-1)
+        if self.qk_norm:
+            q = _ops_rms_norm(q.reshape(-1, self.head_dim), self.q_norm.weight, eps)
+            k = _ops_rms_norm(k.reshape(-1, self.head_dim), self.k_norm.weight, eps)
+            q, k = q.view(b * seqlen, qs), k.view(b * seqlen, kvs)
+        torch.ops._C.rotary_embedding(positions, q, k, self.head_dim, cos_sin, False)
+        k_cache, v_cache = cache
+        end = start + seqlen
+        k_cache[:, :, start:end] = k.view(b, seqlen, self.n_kv, -1).transpose(1, 2)
+        v_cache[:, :, start:end] = v.view(b, seqlen, self.n_kv, -1).transpose(1, 2)
+        y = F.scaled_dot_product_attention(
+            q.view(b, seqlen, self.n_head, -1).transpose(1, 2),
+            k_cache[:, :, :end],
+            v_cache[:, :, :end],
+            is_causal=seqlen > 1,  # only at start 0: a square causal mask
+            scale=1.0 / math.sqrt(self.head_dim),
+            enable_gqa=self.n_head != self.n_kv,
+        )
+        return self.wo(y.transpose(1, 2).reshape(b * seqlen, qs))
+
 
 class _FastFeedForward(nn.Module):
     def __init__(self, config) -> None:
@@ -356,8 +418,26 @@ class _FastFeedForward(nn.Module):
         self.w3 = nn.Linear(d, h, bias=False)
         self.w2 = nn.Linear(h, d, bias=False)
 
+        # w1 and w3 as views of one [2h, d] weight (made after loading), so
+        # that the CUDA path runs one GEMM and vLLM's silu_and_mul
+        self.w13: torch.Tensor | None = None
+
+    def merge_gate_up(self) -> None:
+        w13 = torch.cat([self.w1.weight.data, self.w3.weight.data])
+        h = self.w1.weight.shape[0]
+        self.w1.weight.data, self.w3.weight.data = w13[:h], w13[h:]
+        self.w13 = w13
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def forward_ops(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is None:
+            self.merge_gate_up()
+        gate_up = F.linear(x, self.w13)
+        act = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+        torch.ops._C.silu_and_mul(act, gate_up)
+        return self.w2(act)
 
 
 class _FastBlock(nn.Module):
@@ -371,6 +451,24 @@ class _FastBlock(nn.Module):
     def forward(self, x, start, table, cache):
         h = x + self.attention(self.attention_norm(x), start, table, cache)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward_ops(self, x, start, positions, cos_sin, cache):
+        """``forward`` on CUDA with vLLM's fused ops (rms_norm,
+        fused_add_rms_norm, rotary_embedding, silu_and_mul): about a dozen
+        kernels per layer instead of fifty."""
+        b, seqlen, d = x.shape
+        eps = self.attention_norm.eps
+        # x is this block's own input (a fresh tensor of the loop): it becomes
+        # the residual stream in place
+        resid = x.reshape(b * seqlen, d)
+        h = _ops_rms_norm(resid, self.attention_norm.weight, eps)
+        attn = self.attention.forward_ops(
+            h.view(b, seqlen, d), start, positions, cos_sin, cache, eps
+        )
+        # resid <- resid + attn; attn <- rms_norm(resid) * w
+        torch.ops._C.fused_add_rms_norm(attn, resid, self.ffn_norm.weight, eps)
+        out = self.feed_forward.forward_ops(attn)
+        return (resid + out).view(b, seqlen, d)
 
 
 # --------------------------------------------------------------------------
@@ -533,6 +631,20 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
             persistent=False,
         )
         self.norm_fastlayer_input = bool(getattr(config, "norm_fastlayer_input", False))
+        self.register_buffer(
+            "fast_positions", torch.arange(config.num_codebooks), persistent=False
+        )
+        self._fast_cos_sin_cache: dict[torch.dtype, torch.Tensor] = {}
+        # Opt-in until measured on a GPU (hf_overrides): the fast layers with
+        # vLLM's fused CUDA ops, and the fast codebooks' sampler as one Triton
+        # kernel per codebook instead of about twenty torch kernels.
+        device = vllm_config.device_config.device
+        self.fused_fast_block = bool(
+            getattr(config, "fused_fast_block", False)
+        ) and fused_fast_block_available(torch.device(device))
+        self.fused_fast_sampler = bool(
+            getattr(config, "fused_fast_sampler", False)
+        ) and fused_sample_available(torch.device(device))
         # Slow head over the semantic slice + <|im_end|> only (the other rows
         # get -inf): S2 restricts sampling to them anyway; for 1.5/S1 it is an
         # opt-in (hf_overrides {"semantic_only_head": true}) since the
@@ -650,9 +762,27 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
     def fast_logits(self, x: torch.Tensor, start: int, caches: list) -> torch.Tensor:
         """Run positions [start, start+L) of x [R, L, fast_dim]; fp32 logits
         of the last position [R, codebook_size]."""
+        if self.fused_fast_block and x.is_cuda:
+            rows, seqlen, _ = x.shape
+            positions = self.fast_positions[start : start + seqlen].repeat(rows)
+            cos_sin = self._fast_cos_sin(x.dtype)
+            for layer, cache in zip(self.fast_layers, caches):
+                x = layer.forward_ops(x.contiguous(), start, positions, cos_sin, cache)
+            last = _ops_rms_norm(x[:, -1], self.fast_norm.weight, self.fast_norm.eps)
+            return self.fast_output(last).float()
         for layer, cache in zip(self.fast_layers, caches):
             x = layer(x, start, self.fast_rope, cache)
         return self.fast_output(self.fast_norm(x[:, -1])).float()
+
+    def _fast_cos_sin(self, dtype: torch.dtype) -> torch.Tensor:
+        """The fast RoPE table as vLLM's rotary_embedding reads it: [K, D]
+        (cos half, sin half) in the activation dtype."""
+        table = self._fast_cos_sin_cache.get(dtype)
+        if table is None:
+            rope = self.fast_rope
+            table = torch.cat([rope[..., 0], rope[..., 1]], dim=-1).to(dtype)
+            self._fast_cos_sin_cache[dtype] = table.contiguous()
+        return table
 
     def _new_fast_caches(self, rows: int, like: torch.Tensor) -> list:
         cfg = self.config
@@ -776,7 +906,20 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
         for k in range(1, self.num_codebooks):
             lg = self.fast_logits(x, pos, caches)[:, :lim]
             pos += x.shape[1]
-            if s2:
+            if self.fused_fast_sampler and lg.is_cuda:
+                ck = fused_sample(
+                    lg,
+                    greedy,
+                    temperature,
+                    top_p,
+                    lg if all_greedy else _exp_noise(lg, generators),
+                    penalty=None if s2 else penalty,
+                    prev=None if s2 else window[:, :, k + 1],
+                    top_k=top_k if s2 else None,
+                    all_greedy=all_greedy,
+                    eps=_SAMPLING_EPS,
+                )
+            elif s2:
                 ck = _s2_sample(
                     lg, greedy, temperature, top_p, top_k, generators, all_greedy
                 )
@@ -968,4 +1111,7 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
             )
         if self.config.tie_word_embeddings:
             loaded.add("output.weight")
+        if self.fused_fast_block:
+            for layer in self.fast_layers:
+                layer.feed_forward.merge_gate_up()
         return loaded
