@@ -762,7 +762,7 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
     def fast_logits(self, x: torch.Tensor, start: int, caches: list) -> torch.Tensor:
         """Run positions [start, start+L) of x [R, L, fast_dim]; fp32 logits
         of the last position [R, codebook_size]."""
-        if self.fused_fast_block and x.is_cuda:
+        if self.fused_fast_block:
             rows, seqlen, _ = x.shape
             positions = self.fast_positions[start : start + seqlen].repeat(rows)
             cos_sin = self._fast_cos_sin(x.dtype)
