@@ -7,21 +7,26 @@ bucket, ``FastLoopGraphs``) with the torch ops and with the fused kernels
 (``fused_fast_block``: vLLM's CUDA ops in the fast layers;
 ``fused_fast_sampler``: the Triton sampler), counts its kernels per frame
 (torch.profiler) and checks that the paths give the same greedy codes.
-Random weights at S1-mini or S2-Pro fast-transformer size.
+Random weights at S1-mini or S2-Pro fast-transformer size
+(``tools/fish_fast_loop.py``: linear weights scaled by fan-in).
 
     python benchmarks/bench_fish_fast_loop.py --batch 1 8 64 [--size s2-pro]
         [--dtype float32] [--out results.json]
 
-``--tiny`` runs the torch path on the CPU (a check of the script only).
+``--tiny`` runs on the CPU (a check of the script only; the fused block on
+vLLM's CPU ops, the torch sampler).
 """
 
 import argparse
 import json
+import sys
 import time
-from types import SimpleNamespace
+from pathlib import Path
 
 import torch
-from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from fish_fast_loop import make_fast_loop  # noqa: E402
 
 SIZES = {
     "s1-mini": dict(fast_dim=1024, fast_n_head=16, fast_n_local_heads=8,
@@ -37,45 +42,8 @@ SIZES = {
 
 
 def make_loop(size: str, version: str, device, dtype, fused: bool):
-    """A FishSpeechForCausalLM holding only its fast transformer."""
-    from vllm.model_executor.models import fish_speech as fs
-
-    d = SIZES[size]
-    cfg = SimpleNamespace(
-        fast_dim=d["fast_dim"], fast_n_head=d["fast_n_head"],
-        fast_n_local_heads=d["fast_n_local_heads"],
-        fast_head_dim=d["fast_head_dim"],
-        fast_intermediate_size=d["fast_intermediate_size"],
-        fast_attention_qkv_bias=False, fast_attention_o_bias=False,
-        fast_attention_qk_norm=d["qk_norm"], norm_eps=1e-6, num_codebooks=10,
-        codebook_size=d["codebook_size"], rope_base=1e6,
-    )
-    m = fs.FishSpeechForCausalLM.__new__(fs.FishSpeechForCausalLM)
-    nn.Module.__init__(m)
-    m.config, m.version = cfg, version
-    m.num_codebooks, m.codebook_size = cfg.num_codebooks, cfg.codebook_size
-    m.norm_fastlayer_input = False
-    m.fast_project_in = nn.Identity()
-    m.fast_embeddings = nn.Embedding(cfg.codebook_size, cfg.fast_dim)
-    m.fast_layers = nn.ModuleList(fs._FastBlock(cfg) for _ in range(d["n_fast_layer"]))
-    m.fast_norm = fs._FastRMSNorm(cfg.fast_dim, cfg.norm_eps)
-    m.fast_output = nn.Linear(cfg.fast_dim, cfg.codebook_size, bias=False)
-    m.register_buffer("fast_rope", fs.fish_rope_table(
-        cfg.num_codebooks, cfg.fast_head_dim, cfg.rope_base), persistent=False)
-    m.register_buffer("fast_positions", torch.arange(cfg.num_codebooks),
-                      persistent=False)
-    m._fast_cos_sin_cache = {}
-    m.fused_fast_block = m.fused_fast_sampler = fused
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-    m = m.to(device=device, dtype=dtype)
-    m.fast_rope = m.fast_rope.float()
-    if fused:
-        for layer in m.fast_layers:
-            layer.feed_forward.merge_gate_up()
-    return m
+    return make_fast_loop(SIZES[size], version=version, fused=fused,
+                          device=device, dtype=dtype)
 
 
 def loop_inputs(m, rows: int, device, greedy: bool):
@@ -139,7 +107,8 @@ def main() -> None:
     version = a.version or ("s2" if size == "s2-pro" else "s1")
     device = torch.device("cpu" if a.tiny else "cuda")
     dtype = getattr(torch, a.dtype)
-    modes = [("torch", False)] + ([] if a.tiny else [("fused", True)])
+    # on the CPU "fused" is the fused block on vLLM's CPU ops (no Triton)
+    modes = [("torch", False), ("fused", True)]
     res = {"size": size, "version": version, "dtype": a.dtype,
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "by_batch": {}}

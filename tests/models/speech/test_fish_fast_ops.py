@@ -11,13 +11,15 @@ merged w1/w3 GEMM) is checked here in fp32 for several rows; on a GPU
 ``test_fish_speech_gpu.py`` runs the engine with it.
 """
 
-from types import SimpleNamespace
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-from vllm.model_executor.models import fish_speech as fs
+sys.path.insert(0, str(Path(os.path.realpath(__file__)).parents[3] / "tools"))
+from fish_fast_loop import make_fast_loop  # noqa: E402
 
 pytest.importorskip("vllm._C")
 if not all(hasattr(torch.ops._C, op) for op in (
@@ -25,40 +27,13 @@ if not all(hasattr(torch.ops._C, op) for op in (
     pytest.skip("vLLM's _C ops are not built", allow_module_level=True)
 
 
+DIMS = dict(fast_dim=64, fast_n_head=4, fast_n_local_heads=2, fast_head_dim=16,
+            fast_intermediate_size=96, n_fast_layer=2, codebook_size=128)
+
+
 def _fast_model(qk_norm: bool, fused: bool, version: str):
-    cfg = SimpleNamespace(
-        fast_dim=64, fast_n_head=4, fast_n_local_heads=2, fast_head_dim=16,
-        fast_intermediate_size=96, fast_attention_qkv_bias=False,
-        fast_attention_o_bias=False, fast_attention_qk_norm=qk_norm,
-        norm_eps=1e-6, num_codebooks=6, codebook_size=128, rope_base=1e4,
-    )
-    m = fs.FishSpeechForCausalLM.__new__(fs.FishSpeechForCausalLM)
-    nn.Module.__init__(m)
-    m.config, m.version = cfg, version
-    m.num_codebooks, m.codebook_size = cfg.num_codebooks, cfg.codebook_size
-    m.norm_fastlayer_input = False
-    m.fast_project_in = nn.Identity()
-    m.fast_embeddings = nn.Embedding(cfg.codebook_size, cfg.fast_dim)
-    m.fast_layers = nn.ModuleList(fs._FastBlock(cfg) for _ in range(2))
-    m.fast_norm = fs._FastRMSNorm(cfg.fast_dim, cfg.norm_eps)
-    m.fast_output = nn.Linear(cfg.fast_dim, cfg.codebook_size, bias=False)
-    m.register_buffer("fast_rope", fs.fish_rope_table(
-        cfg.num_codebooks, cfg.fast_head_dim, cfg.rope_base), persistent=False)
-    m.register_buffer("fast_positions", torch.arange(cfg.num_codebooks),
-                      persistent=False)
-    m._fast_cos_sin_cache = {}
-    m.fused_fast_block, m.fused_fast_sampler = fused, False
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)
-    if fused:
-        for layer in m.fast_layers:
-            layer.feed_forward.merge_gate_up()
-    return m
+    return make_fast_loop({**DIMS, "qk_norm": qk_norm}, version=version,
+                          fused=fused, num_codebooks=6)
 
 
 def _inputs(m, rows):
