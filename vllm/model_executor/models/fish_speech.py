@@ -664,6 +664,12 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
             # loop before capture. Correct on an H100 (graph == eager), but its
             # speed is not measured yet and it compiles at the first request.
             fuse = bool(getattr(config, "fuse_fast_loop", False))
+            if fuse and self.fused_fast_block:
+                logger.info(
+                    "Fish Speech: fuse_fast_loop is ignored with fused_fast_block "
+                    "(the fused ops are not traced by torch.compile)"
+                )
+                fuse = False
             self._fast_graphs = {
                 False: FastLoopGraphs(self._fast_loop_sampled, compile=fuse),
                 True: FastLoopGraphs(self._fast_loop_greedy, compile=fuse),
