@@ -755,7 +755,8 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
         # semantic ids are contiguous: one GEMM over that slice, one row for
         # <|im_end|>; the rest of the vocabulary is -inf
         w = self.output.weight
-        begin, end, im_end = self.semantic_begin_id, self.semantic_end_id, self.im_end_id
+        begin, end = self.semantic_begin_id, self.semantic_end_id
+        im_end = self.im_end_id
         logits = hidden_states.new_full(
             (hidden_states.shape[0], self.config.vocab_size), float("-inf")
         )
@@ -981,7 +982,6 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
         replaced by a draw at temperature 1.0 / top-p 0.9, same top-k; not for
         greedy rows); fast codebooks with the same temperature/top-p/top-k.
         S2's ``generate`` casts temperature and top-p to the model dtype."""
-        rows = logits.shape[0]
         mdtype = self.fast_output.weight.dtype
         temperature = temperature.to(mdtype).float()
         top_p = top_p.to(mdtype).float()
