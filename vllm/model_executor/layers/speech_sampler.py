@@ -12,10 +12,11 @@ tensor so that seeded requests keep their own generators.
 
 Equivalence with the torch reference (``fish_speech._fish_sample`` /
 ``_s2_sample``): the kept set of top-p is a prefix of the descending sort;
-ties are ordered by ascending index, as a stable sort orders them (the
-CUDA sort of rows of this size is a stable radix sort). The cumulative sum
-is summed in a different order, so a token whose cumulative probability
-equals ``top_p`` to the last bit may fall on the other side.
+ties are ordered by ascending index, as a stable sort orders them
+(PyTorch's CUDA sort of rows longer than 32 entries is stable; its CPU sort
+is not). The cumulative sum is summed in a different order, so a token
+whose cumulative probability equals ``top_p`` to the last bit may fall on
+the other side.
 """
 
 import torch
@@ -97,6 +98,7 @@ def _sample_rows(
 
 
 def fused_sample_available(device: torch.device) -> bool:
+    """Whether ``fused_sample`` can run on ``device`` (CUDA with Triton)."""
     return HAS_TRITON and device.type == "cuda"
 
 
