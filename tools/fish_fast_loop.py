@@ -3,10 +3,11 @@
 benchmarks of the fast codebook loop outside the engine.
 
 ``make_fast_loop(dims, version=..., fused=...)`` returns a
-``FishSpeechForCausalLM`` whose fast-loop methods (``_fast_loop``,
-``fast_logits``, ...) work as in the engine, with random weights (norm
-weights around 1, linear weights scaled by fan-in so that the logits are
-spread as a trained model's are, not all close to 0).
+``FishSpeechForCausalLM`` built by its own ``_init_fast_transformer``, whose
+fast-loop methods (``_fast_loop``, ``fast_logits``, ...) work as in the
+engine, with random weights (norm weights around 1, linear weights scaled by
+fan-in so that the logits are spread as a trained model's are, not all close
+to 0).
 """
 
 from types import SimpleNamespace
@@ -27,16 +28,20 @@ def make_fast_loop(
 ):
     """``dims``: fast_dim, fast_n_head, fast_n_local_heads, fast_head_dim,
     fast_intermediate_size, n_fast_layer, codebook_size, qk_norm.
-    ``fused``: the ``fused_fast_block`` path (vLLM's ``_C`` ops) and, on
-    CUDA, ``fused_fast_sampler``."""
+    ``fused``: the ``fused_fast_block`` path (vLLM's ``_C`` ops; forced on a
+    CPU too, whose vLLM build has the same ops) and, on CUDA,
+    ``fused_fast_sampler``."""
     from vllm.model_executor.models import fish_speech as fs
 
+    device = torch.device(device)
     cfg = SimpleNamespace(
+        dim=dims["fast_dim"],
         fast_dim=dims["fast_dim"],
         fast_n_head=dims["fast_n_head"],
         fast_n_local_heads=dims["fast_n_local_heads"],
         fast_head_dim=dims["fast_head_dim"],
         fast_intermediate_size=dims["fast_intermediate_size"],
+        n_fast_layer=dims["n_fast_layer"],
         fast_attention_qkv_bias=False,
         fast_attention_o_bias=False,
         fast_attention_qk_norm=bool(dims.get("qk_norm", False)),
@@ -44,19 +49,15 @@ def make_fast_loop(
         num_codebooks=num_codebooks,
         codebook_size=dims["codebook_size"],
         rope_base=1e6,
+        fused_fast_block=fused,
+        fused_fast_sampler=fused,
     )
     m = fs.FishSpeechForCausalLM.__new__(fs.FishSpeechForCausalLM)
     nn.Module.__init__(m)
     m.config, m.version = cfg, version
     m.num_codebooks, m.codebook_size = cfg.num_codebooks, cfg.codebook_size
-    m.norm_fastlayer_input = False
-    m.fast_project_in = nn.Identity()
-    m.fast_embeddings = nn.Embedding(cfg.codebook_size, cfg.fast_dim)
-    m.fast_layers = nn.ModuleList(
-        fs._FastBlock(cfg) for _ in range(dims["n_fast_layer"])
-    )
-    m.fast_norm = fs._FastRMSNorm(cfg.fast_dim, cfg.norm_eps)
-    m.fast_output = nn.Linear(cfg.fast_dim, cfg.codebook_size, bias=False)
+    m._init_fast_transformer(cfg, device)
+    m.fused_fast_block = fused
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -64,22 +65,9 @@ def make_fast_loop(
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)
+    rope = m.fast_rope  # the model keeps its RoPE table in fp32
     m = m.to(device=device, dtype=dtype)
-    # buffers as the model keeps them: the RoPE table in fp32
-    m.register_buffer(
-        "fast_rope",
-        fs.fish_rope_table(cfg.num_codebooks, cfg.fast_head_dim, cfg.rope_base).to(
-            device
-        ),
-        persistent=False,
-    )
-    m.register_buffer(
-        "fast_positions", torch.arange(cfg.num_codebooks, device=device),
-        persistent=False,
-    )
-    m._fast_cos_sin_cache = {}
-    m.fused_fast_block = fused
-    m.fused_fast_sampler = fused and fs.fused_sample_available(torch.device(device))
+    m.fast_rope = rope.to(device)
     if fused:
         for layer in m.fast_layers:
             layer.feed_forward.merge_gate_up()

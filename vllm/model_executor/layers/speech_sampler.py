@@ -138,7 +138,6 @@ def fused_sample(
         prev = prev.long().contiguous()
         if penalty is None:
             raise ValueError("prev needs a penalty")
-    dummy = temperature
     (kernel or _sample_rows)[(rows,)](
         logits,
         logits.stride(0),
@@ -146,7 +145,7 @@ def fused_sample(
         noise.stride(0),
         prev if prev is not None else out,
         prev.stride(0) if prev is not None else 0,
-        penalty if penalty is not None else dummy,
+        penalty if penalty is not None else temperature,  # unread without prev
         temperature,
         top_p,
         top_k if top_k is not None else out,

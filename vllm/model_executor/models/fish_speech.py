@@ -612,39 +612,9 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
             )
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
-        # Fast transformer
-        if config.fast_dim != config.dim:
-            self.fast_project_in: nn.Module = nn.Linear(config.dim, config.fast_dim)
-        else:
-            self.fast_project_in = nn.Identity()
-        self.fast_embeddings = nn.Embedding(config.codebook_size, config.fast_dim)
-        self.fast_layers = nn.ModuleList(
-            _FastBlock(config) for _ in range(config.n_fast_layer)
+        self._init_fast_transformer(
+            config, torch.device(vllm_config.device_config.device)
         )
-        self.fast_norm = _FastRMSNorm(config.fast_dim, config.norm_eps)
-        self.fast_output = nn.Linear(config.fast_dim, config.codebook_size, bias=False)
-        self.register_buffer(
-            "fast_rope",
-            fish_rope_table(
-                config.num_codebooks, config.fast_head_dim, float(config.rope_base)
-            ),
-            persistent=False,
-        )
-        self.norm_fastlayer_input = bool(getattr(config, "norm_fastlayer_input", False))
-        self.register_buffer(
-            "fast_positions", torch.arange(config.num_codebooks), persistent=False
-        )
-        self._fast_cos_sin_cache: dict[torch.dtype, torch.Tensor] = {}
-        # Opt-in until measured on a GPU (hf_overrides): the fast layers with
-        # vLLM's fused CUDA ops, and the fast codebooks' sampler as one Triton
-        # kernel per codebook instead of about twenty torch kernels.
-        device = vllm_config.device_config.device
-        self.fused_fast_block = bool(
-            getattr(config, "fused_fast_block", False)
-        ) and fused_fast_block_available(torch.device(device))
-        self.fused_fast_sampler = bool(
-            getattr(config, "fused_fast_sampler", False)
-        ) and fused_sample_available(torch.device(device))
         # Slow head over the semantic slice + <|im_end|> only (the other rows
         # get -inf): S2 restricts sampling to them anyway; for 1.5/S1 it is an
         # opt-in (hf_overrides {"semantic_only_head": true}) since the
@@ -677,6 +647,41 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
         self.scale_codebook_embeddings = bool(
             getattr(config, "scale_codebook_embeddings", False)
         )
+
+    def _init_fast_transformer(self, config, device: torch.device) -> None:
+        """The fast transformer's modules and buffers (also used alone by
+        tools/fish_fast_loop.py for tests and benchmarks of the loop)."""
+        if config.fast_dim != config.dim:
+            self.fast_project_in: nn.Module = nn.Linear(config.dim, config.fast_dim)
+        else:
+            self.fast_project_in = nn.Identity()
+        self.fast_embeddings = nn.Embedding(config.codebook_size, config.fast_dim)
+        self.fast_layers = nn.ModuleList(
+            _FastBlock(config) for _ in range(config.n_fast_layer)
+        )
+        self.fast_norm = _FastRMSNorm(config.fast_dim, config.norm_eps)
+        self.fast_output = nn.Linear(config.fast_dim, config.codebook_size, bias=False)
+        self.register_buffer(
+            "fast_rope",
+            fish_rope_table(
+                config.num_codebooks, config.fast_head_dim, float(config.rope_base)
+            ),
+            persistent=False,
+        )
+        self.norm_fastlayer_input = bool(getattr(config, "norm_fastlayer_input", False))
+        self.register_buffer(
+            "fast_positions", torch.arange(config.num_codebooks), persistent=False
+        )
+        self._fast_cos_sin_cache: dict[torch.dtype, torch.Tensor] = {}
+        # Opt-in until measured on a GPU (hf_overrides): the fast layers with
+        # vLLM's fused CUDA ops, and the fast codebooks' sampler as one Triton
+        # kernel per codebook instead of about twenty torch kernels.
+        self.fused_fast_block = bool(
+            getattr(config, "fused_fast_block", False)
+        ) and fused_fast_block_available(device)
+        self.fused_fast_sampler = bool(
+            getattr(config, "fused_fast_sampler", False)
+        ) and fused_sample_available(device)
 
     # ---- config helpers ----
 
@@ -788,7 +793,7 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
         if table is None:
             rope = self.fast_rope
             table = torch.cat([rope[..., 0], rope[..., 1]], dim=-1).to(dtype)
-            self._fast_cos_sin_cache[dtype] = table.contiguous()
+            self._fast_cos_sin_cache[dtype] = table
         return table
 
     def _new_fast_caches(self, rows: int, like: torch.Tensor) -> list:
@@ -913,7 +918,7 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
         for k in range(1, self.num_codebooks):
             lg = self.fast_logits(x, pos, caches)[:, :lim]
             pos += x.shape[1]
-            if self.fused_fast_sampler and lg.is_cuda:
+            if self.fused_fast_sampler:
                 ck = fused_sample(
                     lg,
                     greedy,
