@@ -311,10 +311,10 @@ def fused_fast_block_available(device: torch.device) -> bool:
     """Whether vLLM's CUDA ops for ``_FastBlock.forward_ops`` are built."""
     if device.type != "cuda":
         return False
-    try:
-        import vllm._C  # noqa: F401
-    except ImportError:
-        return False
+    # The platform's kernel libraries (on CUDA ``vllm._C_stable_libtorch``,
+    # which registers the ``_C`` ops; there is no ``vllm._C`` module there).
+    import vllm._custom_ops  # noqa: F401
+
     return all(
         hasattr(torch.ops._C, op)
         for op in ("rms_norm", "fused_add_rms_norm", "rotary_embedding",
@@ -676,12 +676,21 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
         # Opt-in until measured on a GPU (hf_overrides): the fast layers with
         # vLLM's fused CUDA ops, and the fast codebooks' sampler as one Triton
         # kernel per codebook instead of about twenty torch kernels.
-        self.fused_fast_block = bool(
-            getattr(config, "fused_fast_block", False)
-        ) and fused_fast_block_available(device)
-        self.fused_fast_sampler = bool(
-            getattr(config, "fused_fast_sampler", False)
-        ) and fused_sample_available(device)
+        want_block = bool(getattr(config, "fused_fast_block", False))
+        want_sampler = bool(getattr(config, "fused_fast_sampler", False))
+        self.fused_fast_block = want_block and fused_fast_block_available(device)
+        self.fused_fast_sampler = want_sampler and fused_sample_available(device)
+        for name, want, got in (
+            ("fused_fast_block", want_block, self.fused_fast_block),
+            ("fused_fast_sampler", want_sampler, self.fused_fast_sampler),
+        ):
+            if want and not got:
+                logger.warning(
+                    "Fish Speech: %s was asked for but its kernels are not "
+                    "available on %s; the torch path runs instead",
+                    name,
+                    device,
+                )
 
     # ---- config helpers ----
 
