@@ -62,6 +62,10 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+from vllm.model_executor.layers.speech_fast_attention import (
+    decode_attention,
+    decode_attention_available,
+)
 from vllm.model_executor.layers.speech_sampler import (
     fused_sample,
     fused_sample_available,
@@ -338,6 +342,8 @@ class _FastAttention(nn.Module):
             bias=bool(config.fast_attention_o_bias),
         )
         self.qk_norm = bool(config.fast_attention_qk_norm)
+        # forward_ops at one position: the decode_attention kernel (CUDA)
+        self.decode_kernel = False
         if self.qk_norm:
             self.q_norm = nn.RMSNorm(self.head_dim, config.norm_eps)
             self.k_norm = nn.RMSNorm(self.head_dim, config.norm_eps)
@@ -390,6 +396,15 @@ class _FastAttention(nn.Module):
         b, seqlen, _ = x.shape
         qs, kvs = self.n_head * self.head_dim, self.n_kv * self.head_dim
         q, k, v = self.wqkv(x.view(b * seqlen, -1)).split([qs, kvs, kvs], dim=-1)
+        if seqlen == 1 and self.decode_kernel:
+            # one Triton launch: q/k norm, RoPE, cache write, GQA attention
+            y = decode_attention(
+                q, k, v, *cache, start, cos_sin, 1.0 / math.sqrt(self.head_dim),
+                q_norm=self.q_norm.weight if self.qk_norm else None,
+                k_norm=self.k_norm.weight if self.qk_norm else None,
+                eps=eps,
+            )
+            return self.wo(y)
         if self.qk_norm:
             q = _ops_rms_norm(q.reshape(-1, self.head_dim), self.q_norm.weight, eps)
             k = _ops_rms_norm(k.reshape(-1, self.head_dim), self.k_norm.weight, eps)
@@ -452,23 +467,26 @@ class _FastBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), start, table, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def forward_ops(self, x, start, positions, cos_sin, cache):
+    def forward_ops(self, resid, shape, start, positions, cos_sin, cache, delta):
         """``forward`` on CUDA with vLLM's fused ops (rms_norm,
-        fused_add_rms_norm, rotary_embedding, silu_and_mul): about a dozen
-        kernels per layer instead of fifty."""
-        b, seqlen, d = x.shape
+        fused_add_rms_norm, rotary_embedding, silu_and_mul): about ten
+        kernels per layer instead of fifty. ``resid`` [R*L, D] is the residual
+        stream, updated in place; ``delta`` the previous block's output not
+        yet added to it (None for the first block). Returns this block's
+        feed-forward output, which the next block (or the final norm) adds."""
         eps = self.attention_norm.eps
-        # x is this block's own input (a fresh tensor of the loop): it becomes
-        # the residual stream in place
-        resid = x.reshape(b * seqlen, d)
-        h = _ops_rms_norm(resid, self.attention_norm.weight, eps)
+        if delta is None:
+            h = _ops_rms_norm(resid, self.attention_norm.weight, eps)
+        else:
+            # resid <- resid + delta; delta <- rms_norm(resid) * w
+            w = self.attention_norm.weight
+            torch.ops._C.fused_add_rms_norm(delta, resid, w, eps)
+            h = delta
         attn = self.attention.forward_ops(
-            h.view(b, seqlen, d), start, positions, cos_sin, cache, eps
+            h.view(shape), start, positions, cos_sin, cache, eps
         )
-        # resid <- resid + attn; attn <- rms_norm(resid) * w
         torch.ops._C.fused_add_rms_norm(attn, resid, self.ffn_norm.weight, eps)
-        out = self.feed_forward.forward_ops(attn)
-        return (resid + out).view(b, seqlen, d)
+        return self.feed_forward.forward_ops(attn)
 
 
 # --------------------------------------------------------------------------
@@ -680,6 +698,9 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
         want_sampler = bool(getattr(config, "fused_fast_sampler", False))
         self.fused_fast_block = want_block and fused_fast_block_available(device)
         self.fused_fast_sampler = want_sampler and fused_sample_available(device)
+        if self.fused_fast_block and decode_attention_available(device):
+            for layer in self.fast_layers:
+                layer.attention.decode_kernel = True
         for name, want, got in (
             ("fused_fast_block", want_block, self.fused_fast_block),
             ("fused_fast_sampler", want_sampler, self.fused_fast_sampler),
@@ -787,9 +808,17 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
             rows, seqlen, _ = x.shape
             positions = self.fast_positions[start : start + seqlen].repeat(rows)
             cos_sin = self._fast_cos_sin(x.dtype)
+            # x is a fresh tensor of the loop: it becomes the residual stream
+            resid = x.contiguous().view(rows * seqlen, -1)
+            delta = None
             for layer, cache in zip(self.fast_layers, caches):
-                x = layer.forward_ops(x.contiguous(), start, positions, cos_sin, cache)
-            last = _ops_rms_norm(x[:, -1], self.fast_norm.weight, self.fast_norm.eps)
+                delta = layer.forward_ops(
+                    resid, x.shape, start, positions, cos_sin, cache, delta
+                )
+            torch.ops._C.fused_add_rms_norm(
+                delta, resid, self.fast_norm.weight, self.fast_norm.eps
+            )
+            last = delta.view(rows, seqlen, -1)[:, -1]
             return self.fast_output(last).float()
         for layer, cache in zip(self.fast_layers, caches):
             x = layer(x, start, self.fast_rope, cache)
