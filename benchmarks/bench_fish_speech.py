@@ -213,16 +213,17 @@ def prompt_ids(ckpt: Path) -> list[int]:
 
 def bench_vllm(ckpt: Path, frames: int, concurrencies: list[int], sampling: dict,
                semantic_only_head: bool | None, fuse_fast_loop: bool = False,
-               async_scheduling: bool = True, fused_kernels: bool = False) -> dict:
+               async_scheduling: bool = True,
+               torch_fast_loop: bool = False) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     overrides = {} if semantic_only_head is None else \
         {"semantic_only_head": semantic_only_head}
-    if fuse_fast_loop:
+    if fuse_fast_loop:  # compiles the torch loop
         overrides["fuse_fast_loop"] = True
-    if fused_kernels:
-        overrides.update(fused_fast_block=True, fused_fast_sampler=True)
+    if torch_fast_loop or fuse_fast_loop:
+        overrides.update(fused_fast_block=False, fused_fast_sampler=False)
     llm = LLM(str(ckpt), dtype="bfloat16", max_model_len=4096,
               max_num_seqs=max(concurrencies), gpu_memory_utilization=0.6,
               hf_overrides=overrides or None, async_scheduling=async_scheduling)
@@ -239,7 +240,7 @@ def bench_vllm(ckpt: Path, frames: int, concurrencies: list[int], sampling: dict
     out = {"prompt_tokens": len(ids), "by_concurrency": {},
            "semantic_only_head": semantic_only_head,
            "fuse_fast_loop": fuse_fast_loop,
-           "fused_kernels": fused_kernels,
+           "fused_kernels": not (torch_fast_loop or fuse_fast_loop),
            "async_scheduling": async_scheduling}
     for c in concurrencies:
         # warm-up at this batch size (captures its fast-loop CUDA graph)
@@ -272,9 +273,10 @@ def main() -> None:
     ap.add_argument("--fuse-fast-loop", action="store_true",
                     help="vLLM: hf_overrides fuse_fast_loop (torch.compile "
                     "of the codebook loop before CUDA-graph capture)")
-    ap.add_argument("--fused-kernels", action="store_true",
-                    help="vLLM: hf_overrides fused_fast_block + fused_fast_sampler "
-                         "(the fast layers on vLLM's CUDA ops, the Triton sampler)")
+    ap.add_argument("--torch-fast-loop", action="store_true",
+                    help="vLLM: hf_overrides fused_fast_block/fused_fast_sampler "
+                         "false (the torch fast loop instead of the default fused "
+                         "kernels: vLLM's CUDA ops, Triton attention and sampler)")
     ap.add_argument("--no-async-scheduling", action="store_true",
                     help="vLLM: schedule synchronously (async is the default)")
     ap.add_argument("--frames", type=int, default=256)
@@ -318,7 +320,7 @@ def main() -> None:
     soh = {"default": None, "on": True, "off": False}[a.semantic_only_head]
     result["vllm"] = bench_vllm(a.ckpt, a.frames, a.concurrency, sampling, soh,
                                 a.fuse_fast_loop, not a.no_async_scheduling,
-                                a.fused_kernels)
+                                a.torch_fast_loop)
     origs = [result[k] for k in ("original", "original_compiled") if k in result]
     if origs:
         best = max(origs, key=lambda r: r["frames_per_s"])

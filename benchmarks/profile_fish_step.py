@@ -12,7 +12,7 @@ made by bench_fish_speech.py and prints, for a batch-1 generate:
 * the host side: the cProfile of the engine step (``--cprofile``).
 
     python benchmarks/profile_fish_step.py --ckpt /tmp/fish-s1-bench \\
-        [--fuse-fast-loop | --fused-kernels] [--cprofile] [--no-async-scheduling]
+        [--torch-fast-loop [--fuse-fast-loop]] [--cprofile] [--no-async-scheduling]
 """
 
 import argparse
@@ -30,8 +30,9 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=128)
     ap.add_argument("--fuse-fast-loop", action="store_true")
     ap.add_argument("--cprofile", action="store_true")
-    ap.add_argument("--fused-kernels", action="store_true",
-                    help="hf_overrides fused_fast_block + fused_fast_sampler")
+    ap.add_argument("--torch-fast-loop", action="store_true",
+                    help="hf_overrides fused_fast_block/fused_fast_sampler false "
+                         "(the torch fast loop; the fused kernels are the default)")
     ap.add_argument("--no-async-scheduling", action="store_true",
                     help="schedule synchronously (async is the default)")
     a = ap.parse_args()
@@ -42,10 +43,10 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     overrides = {}
-    if a.fuse_fast_loop:
+    if a.fuse_fast_loop:  # compiles the torch loop
         overrides["fuse_fast_loop"] = True
-    if a.fused_kernels:
-        overrides.update(fused_fast_block=True, fused_fast_sampler=True)
+    if a.torch_fast_loop or a.fuse_fast_loop:
+        overrides.update(fused_fast_block=False, fused_fast_sampler=False)
     llm = LLM(a.ckpt, dtype="bfloat16", max_model_len=4096, max_num_seqs=8,
               gpu_memory_utilization=0.6,
               async_scheduling=not a.no_async_scheduling,

@@ -76,14 +76,20 @@ def test_seeded_rows_fall_back_to_eager(s1_dir):
     assert a == b
 
 
+def _torch_flags(model):
+    return not (model.fused_fast_block or model.fused_fast_sampler
+                or any(layer.attention.decode_kernel for layer in model.fast_layers))
+
+
 def _fused_flags(model):
     return (model.fused_fast_block and model.fused_fast_sampler
             and all(layer.attention.decode_kernel for layer in model.fast_layers))
 
 
 def test_fused_fast_kernels_equal_torch_paths(s1_dir, monkeypatch):
-    """hf_overrides fused_fast_block + fused_fast_sampler (the fast layers on
-    vLLM's CUDA ops, one Triton sampler launch per codebook), fp32: the
+    """fused_fast_block + fused_fast_sampler (on by default on CUDA: the fast
+    layers on vLLM's CUDA ops with the Triton decode attention, one Triton
+    sampler launch per codebook) against both off, fp32: the
     codes of the torch paths, for greedy rows (CUDA graphs) and seeded rows
     (eager, the same noise draws from the same generators)."""
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
@@ -91,10 +97,10 @@ def test_fused_fast_kernels_equal_torch_paths(s1_dir, monkeypatch):
     # the slow model uncompiled (both engines): start-up in seconds, and the
     # fast loop is not part of vLLM's compiled graph either way
     eager_slow = {"compilation_config": {"mode": 0}}
-    fused = _generate(s1_dir, seeds, probe=_fused_flags,
-                      hf_overrides={"fused_fast_block": True,
-                                    "fused_fast_sampler": True}, **eager_slow)
-    plain = _generate(s1_dir, seeds, **eager_slow)
+    fused = _generate(s1_dir, seeds, probe=_fused_flags, **eager_slow)
+    plain = _generate(s1_dir, seeds, probe=_torch_flags,
+                      hf_overrides={"fused_fast_block": False,
+                                    "fused_fast_sampler": False}, **eager_slow)
     assert fused == plain
 
 

@@ -648,9 +648,9 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
             not vllm_config.model_config.enforce_eager
             and vllm_config.device_config.device.type == "cuda"
         ):
-            # Opt-in (hf_overrides {"fuse_fast_loop": true}): torch.compile the
-            # loop before capture. Correct on an H100 (graph == eager), but its
-            # speed is not measured yet and it compiles at the first request.
+            # Opt-in (hf_overrides {"fuse_fast_loop": true, "fused_fast_block":
+            # false}): torch.compile the torch loop before capture. Correct on
+            # an H100 (graph == eager); it compiles in the profiling run.
             fuse = bool(getattr(config, "fuse_fast_loop", False))
             if fuse and self.fused_fast_block:
                 logger.info(
@@ -691,13 +691,19 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
             "fast_positions", torch.arange(config.num_codebooks), persistent=False
         )
         self._fast_cos_sin_cache: dict[torch.dtype, torch.Tensor] = {}
-        # Opt-in until measured on a GPU (hf_overrides): the fast layers with
-        # vLLM's fused CUDA ops, and the fast codebooks' sampler as one Triton
-        # kernel per codebook instead of about twenty torch kernels.
-        want_block = bool(getattr(config, "fused_fast_block", False))
-        want_sampler = bool(getattr(config, "fused_fast_sampler", False))
-        self.fused_fast_block = want_block and fused_fast_block_available(device)
-        self.fused_fast_sampler = want_sampler and fused_sample_available(device)
+        # On CUDA by default (hf_overrides {"fused_fast_block": false} /
+        # {"fused_fast_sampler": false} turn them off): the fast layers on
+        # vLLM's fused ops with one Triton decode-attention launch per
+        # position, and each codebook sampled by one Triton launch instead
+        # of about twenty torch kernels. Elsewhere the torch path runs.
+        want_block = getattr(config, "fused_fast_block", None)
+        want_sampler = getattr(config, "fused_fast_sampler", None)
+        self.fused_fast_block = want_block is not False and (
+            fused_fast_block_available(device)
+        )
+        self.fused_fast_sampler = want_sampler is not False and (
+            fused_sample_available(device)
+        )
         if self.fused_fast_block and decode_attention_available(device):
             for layer in self.fast_layers:
                 layer.attention.decode_kernel = True
@@ -705,7 +711,7 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
             ("fused_fast_block", want_block, self.fused_fast_block),
             ("fused_fast_sampler", want_sampler, self.fused_fast_sampler),
         ):
-            if want and not got:
+            if want is True and not got:
                 logger.warning(
                     "Fish Speech: %s was asked for but its kernels are not "
                     "available on %s; the torch path runs instead",
