@@ -12,15 +12,13 @@ Saves {case: {name: tensor}}.
 import math
 import os
 import sys
-import types
 from pathlib import Path
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+from triton_interpret import rejit  # noqa: E402
 
 import vllm._custom_ops  # noqa: E402, F401  (the _C ops)
 from vllm.model_executor.layers import speech_fast_attention as sfa  # noqa: E402
@@ -28,23 +26,8 @@ from vllm.model_executor.layers import speech_fast_attention as sfa  # noqa: E40
 sys.path.insert(0, str(Path(os.path.realpath(__file__)).parents[3] / "tools"))
 
 
-def _rejit(raw, scope):
-    """``raw`` jitted with the real triton.language: vLLM disables Triton on a
-    machine without a GPU driver (its jit is then a no-op decorator and tl a
-    placeholder), the interpreter runs the real one."""
-    raw = getattr(raw, "fn", raw)
-    fn = types.FunctionType(raw.__code__, dict(raw.__globals__, **scope), raw.__name__)
-    fn.__annotations__ = {
-        k: tl.constexpr if k.isupper() else v for k, v in raw.__annotations__.items()
-    }
-    fn.__module__ = raw.__module__
-    return triton.jit(fn)
-
-
 def _kernel():
-    scope = dict(tl=tl, triton=triton)
-    scope["_rope_norm"] = _rejit(sfa._rope_norm, scope)
-    return _rejit(sfa._decode_attention, scope)
+    return rejit(sfa._decode_attention, _rope_norm=rejit(sfa._rope_norm))
 
 
 def _ops_norm(x, w, eps):

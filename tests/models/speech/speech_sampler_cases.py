@@ -13,27 +13,14 @@ import sys
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+from triton_interpret import rejit  # noqa: E402
 
 import vllm.model_executor.models.fish_speech as fish  # noqa: E402
 from vllm.model_executor.layers import speech_sampler  # noqa: E402
 
 
 def _kernel():
-    # vLLM disables Triton on a machine without a GPU driver (its jit is then
-    # a no-op decorator and tl a placeholder): jit the same function with the
-    # real triton.language, which the interpreter runs
-    import types
-
-    raw = getattr(speech_sampler._sample_rows, "fn", speech_sampler._sample_rows)
-    scope = dict(raw.__globals__, tl=tl, triton=triton)
-    fn = types.FunctionType(raw.__code__, scope, raw.__name__)
-    fn.__annotations__ = {
-        k: tl.constexpr if k.isupper() else v for k, v in raw.__annotations__.items()
-    }
-    fn.__module__ = raw.__module__
-    return triton.jit(fn)
+    return rejit(speech_sampler._sample_rows)
 
 
 def _params(rows, gen):
