@@ -78,4 +78,8 @@ def test_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="both"):
         sfa.decode_attention(q, k, k, cache, cache.clone(), 1, cs, 1.0,
                              q_norm=torch.ones(16))
+    empty = torch.zeros(0, 2, 8, 16)
+    out = sfa.decode_attention(torch.zeros(0, 64), torch.zeros(0, 32),
+                               torch.zeros(0, 32), empty, empty.clone(), 1, cs, 1.0)
+    assert out.shape == (0, 64)
     assert not sfa.decode_attention_available(torch.device("cpu"))

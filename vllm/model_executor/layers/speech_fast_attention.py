@@ -194,6 +194,8 @@ def decode_attention(
     if k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("decode_attention: caches must be alike, innermost dense")
     out = torch.empty(rows, heads * d, dtype=q.dtype, device=q.device)
+    if rows == 0:
+        return out
     group = heads // kv_heads
     norm = q_norm is not None
     (kernel or _decode_attention)[(rows, kv_heads)](
