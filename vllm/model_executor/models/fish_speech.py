@@ -812,7 +812,9 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
         of the last position [R, codebook_size]."""
         if self.fused_fast_block:
             rows, seqlen, _ = x.shape
-            positions = self.fast_positions[start : start + seqlen].repeat(rows)
+            positions = None  # not read by the decode-attention kernel
+            if seqlen > 1 or not self.fast_layers[0].attention.decode_kernel:
+                positions = self.fast_positions[start : start + seqlen].repeat(rows)
             cos_sin = self._fast_cos_sin(x.dtype)
             # x is a fresh tensor of the loop: it becomes the residual stream
             resid = x.contiguous().view(rows * seqlen, -1)
