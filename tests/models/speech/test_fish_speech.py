@@ -394,6 +394,42 @@ def test_sampler_matches_original_logits_to_probs():
         torch.testing.assert_close(got[r], want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("im_end", [5, 290])  # before / after the semantic range
+def test_s2_slow_token_on_allowed_ids_equals_masked_vocab(im_end, monkeypatch):
+    """S2's slow token sampled over the allowed ids only (the semantic range
+    and <|im_end|>) gives the ids of ``_s2_sample`` over the whole vocabulary
+    with the other entries at -inf, for the same noise: greedy and sampled
+    rows, with and without top-k."""
+    import vllm.model_executor.models.fish_speech as fish
+
+    g = torch.Generator().manual_seed(im_end)
+    rows, vocab = 12, 300
+    ids = torch.cat([torch.arange(100, 228), torch.tensor([im_end])]).unique()
+    logits = torch.randn(rows, vocab, generator=g) * 3
+    logits[3, im_end] = 20.0  # a row that ends
+    allowed = torch.zeros(vocab, dtype=torch.bool)
+    allowed[ids] = True
+    masked = logits.masked_fill(~allowed, float("-inf"))
+    temperature = torch.rand(rows, generator=g) + 0.3
+    top_p = torch.rand(rows, generator=g) * 0.9 + 0.05
+    greedy = torch.zeros(rows, dtype=torch.bool)
+    greedy[:3] = True
+    noise = torch.empty(rows, vocab).exponential_(1, generator=g)
+    for top_k in (None, torch.randint(1, 40, (rows,), generator=g)):
+        monkeypatch.setattr(fish, "_exp_noise", lambda like, gens: noise)
+        want = fish._s2_sample(masked, greedy, temperature, top_p, top_k, {})
+        monkeypatch.setattr(fish, "_exp_noise", lambda like, gens: noise[:, ids])
+        got = fish._sample_allowed(logits, ids, greedy, temperature, top_p, top_k, {})
+        assert torch.equal(got, want)
+        assert got[3] == im_end and bool(allowed[got].all())
+        # another noise: other draws for the sampled rows
+        monkeypatch.setattr(fish, "_exp_noise",
+                            lambda like, gens: noise.flip(0)[:, ids])
+        other = fish._sample_allowed(logits, ids, greedy, temperature, top_p,
+                                     top_k, {})
+        assert torch.equal(other[:3], want[:3]) and not torch.equal(other, want)
+
+
 def test_converted_checkpoint_same_codes(s1_ckpt, ref, tmp_path):
     """tools/convert_fish_checkpoint.py output (safetensors + HF-style
     config.json) loads in the same model and generates the same codes."""

@@ -23,6 +23,9 @@ import torch
 
 from vllm.triton_utils import HAS_TRITON, tl, triton
 
+# the largest vocabulary one program sorts
+FUSED_SAMPLE_MAX_VOCAB = 8192
+
 
 @triton.jit
 def _sample_rows(
@@ -125,8 +128,10 @@ def fused_sample(
     ``TRITON_INTERPRET=1`` on the CPU).
     """
     rows, cols = logits.shape
-    if cols > 8192:
-        raise ValueError(f"fused_sample handles up to 8192 columns, got {cols}")
+    if cols > FUSED_SAMPLE_MAX_VOCAB:
+        raise ValueError(
+            f"fused_sample handles up to {FUSED_SAMPLE_MAX_VOCAB} columns, got {cols}"
+        )
     if logits.stride(-1) != 1 or noise.stride(-1) != 1:
         raise ValueError("logits and noise need unit stride along the vocabulary")
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)

@@ -67,6 +67,7 @@ from vllm.model_executor.layers.speech_fast_attention import (
     decode_attention_available,
 )
 from vllm.model_executor.layers.speech_sampler import (
+    FUSED_SAMPLE_MAX_VOCAB,
     fused_sample,
     fused_sample_available,
 )
@@ -587,6 +588,41 @@ def _s2_sample(
     return torch.where(greedy, out, sampled)
 
 
+def _sample_allowed(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    greedy: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor | None,
+    generators: dict[int, torch.Generator],
+    all_greedy: bool = False,
+    fused: bool = False,
+) -> torch.Tensor:
+    """``_s2_sample`` of logits [R, V] restricted to the vocabulary ids
+    ``ids`` (ascending), without sorting the whole vocabulary: the other
+    entries would be -inf, which come last in the sort and add nothing to
+    the softmax, and the ascending ids keep the ties' order. Returns
+    vocabulary ids [R]. ``fused``: the Triton sampler (CUDA, <= 8192 ids)."""
+    sub = logits.index_select(1, ids)
+    if fused:
+        picked = fused_sample(
+            sub,
+            greedy,
+            temperature,
+            top_p,
+            sub if all_greedy else _exp_noise(sub, generators),
+            top_k=top_k,
+            all_greedy=all_greedy,
+            eps=_SAMPLING_EPS,
+        )
+    else:
+        picked = _s2_sample(
+            sub, greedy, temperature, top_p, top_k, generators, all_greedy
+        )
+    return ids[picked]
+
+
 # --------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------
@@ -691,6 +727,7 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
             "fast_positions", torch.arange(config.num_codebooks), persistent=False
         )
         self._fast_cos_sin_cache: dict[torch.dtype, torch.Tensor] = {}
+        self._s2_ids_cache: dict[torch.device, torch.Tensor] = {}
         # On CUDA by default (hf_overrides {"fused_fast_block": false} /
         # {"fused_fast_sampler": false} turn them off): the fast layers on
         # vLLM's fused ops with one Triton decode-attention launch per
@@ -1036,12 +1073,11 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
         mdtype = self.fast_output.weight.dtype
         temperature = temperature.to(mdtype).float()
         top_p = top_p.to(mdtype).float()
-        allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        allowed[self.semantic_begin_id : self.semantic_end_id + 1] = True
-        allowed[self.im_end_id] = True
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        main = _s2_sample(
-            logits, greedy, temperature, top_p, top_k, generators, all_greedy
+        ids = self._s2_allowed_ids(logits.device)
+        fused = self.fused_fast_sampler and ids.numel() <= FUSED_SAMPLE_MAX_VOCAB
+        main = _sample_allowed(
+            logits, ids, greedy, temperature, top_p, top_k, generators,
+            all_greedy, fused,
         )
         # history [R, 11, K]: column 0 is the first generated frame (sampled at
         # prefill), which the original's rolling window never holds.
@@ -1049,13 +1085,15 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
         is_sem = (main >= self.semantic_begin_id) & (main <= self.semantic_end_id)
         repeated = is_sem & (recent == main[:, None]).any(dim=1) & ~greedy
         if not all_greedy:
-            alt = _s2_sample(
+            alt = _sample_allowed(
                 logits,
+                ids,
                 torch.zeros_like(greedy),
                 torch.ones_like(temperature),
                 torch.full_like(top_p, 0.9).to(mdtype).float(),
                 top_k,
                 generators,
+                fused=fused,
             )
             main = torch.where(repeated, alt, main)
         c0 = (main - self.semantic_begin_id).clamp(0, self.codebook_size - 1)
@@ -1065,6 +1103,18 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
             all_greedy,
         )
         return main.long(), codes.long()
+
+    def _s2_allowed_ids(self, device: torch.device) -> torch.Tensor:
+        """The ids S2 samples the slow token from (ascending): the semantic
+        range and ``<|im_end|>``."""
+        ids = self._s2_ids_cache.get(device)
+        if ids is None:
+            ids = torch.cat([
+                torch.arange(self.semantic_begin_id, self.semantic_end_id + 1),
+                torch.tensor([self.im_end_id]),
+            ]).unique(sorted=True).to(device)
+            self._s2_ids_cache[device] = ids
+        return ids
 
     # ---- weights ----
 
