@@ -605,22 +605,37 @@ def _sample_allowed(
     the softmax, and the ascending ids keep the ties' order. Returns
     vocabulary ids [R]. ``fused``: the Triton sampler (CUDA, <= 8192 ids)."""
     sub = logits.index_select(1, ids)
-    if fused:
-        picked = fused_sample(
-            sub,
-            greedy,
-            temperature,
-            top_p,
-            sub if all_greedy else _exp_noise(sub, generators),
-            top_k=top_k,
-            all_greedy=all_greedy,
-            eps=_SAMPLING_EPS,
-        )
-    else:
-        picked = _s2_sample(
-            sub, greedy, temperature, top_p, top_k, generators, all_greedy
-        )
+    picked = _s2_draw(
+        sub, greedy, temperature, top_p, top_k, generators, all_greedy, fused
+    )
     return ids[picked]
+
+
+def _s2_draw(
+    logits: torch.Tensor,
+    greedy: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor | None,
+    generators: dict[int, torch.Generator],
+    all_greedy: bool,
+    fused: bool,
+) -> torch.Tensor:
+    """``_s2_sample``, or the Triton sampler with the same noise (``fused``)."""
+    if not fused:
+        return _s2_sample(
+            logits, greedy, temperature, top_p, top_k, generators, all_greedy
+        )
+    return fused_sample(
+        logits,
+        greedy,
+        temperature,
+        top_p,
+        logits if all_greedy else _exp_noise(logits, generators),
+        top_k=top_k,
+        all_greedy=all_greedy,
+        eps=_SAMPLING_EPS,
+    )
 
 
 # --------------------------------------------------------------------------
@@ -1001,22 +1016,22 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
         for k in range(1, self.num_codebooks):
             lg = self.fast_logits(x, pos, caches)[:, :lim]
             pos += x.shape[1]
-            if self.fused_fast_sampler:
+            if s2:
+                ck = _s2_draw(
+                    lg, greedy, temperature, top_p, top_k, generators, all_greedy,
+                    self.fused_fast_sampler,
+                )
+            elif self.fused_fast_sampler:
                 ck = fused_sample(
                     lg,
                     greedy,
                     temperature,
                     top_p,
                     lg if all_greedy else _exp_noise(lg, generators),
-                    penalty=None if s2 else penalty,
-                    prev=None if s2 else window[:, :, k + 1],
-                    top_k=top_k if s2 else None,
+                    penalty=penalty,
+                    prev=window[:, :, k + 1],
                     all_greedy=all_greedy,
                     eps=_SAMPLING_EPS,
-                )
-            elif s2:
-                ck = _s2_sample(
-                    lg, greedy, temperature, top_p, top_k, generators, all_greedy
                 )
             else:
                 ck = _fish_sample(
