@@ -152,7 +152,7 @@ def bench_original(ckpt: Path, frames: int, compile_: bool, sampling: dict) -> d
     t2, _ = run(2)
     dt, n = run(frames)
     ttff = t2 - (dt - t2) / max(n - 2, 1)
-    del model
+    model = None  # free the weights (run() holds the name)
     torch.cuda.empty_cache()
     return {"frames": n, "seconds": dt, "frames_per_s": n / dt,
             "time_to_first_frame_s": ttff, "prompt_tokens": int(prompt.shape[1]),
@@ -196,7 +196,7 @@ def bench_original_s2(src: Path, ckpt: Path, frames: int, compile_: bool,
     t2, _ = run(2)
     dt, n = run(frames)
     ttff = t2 - (dt - t2) / max(n - 2, 1)
-    del model
+    model = None  # free the weights (run() holds the name)
     torch.cuda.empty_cache()
     return {"frames": n, "seconds": dt, "frames_per_s": n / dt,
             "time_to_first_frame_s": ttff, "prompt_tokens": int(prompt.shape[1]),
@@ -308,7 +308,8 @@ def main() -> None:
     else:
         result["roofline"] = roofline(cfg, cfg["vocab_size"], cfg["codebook_size"])
     if not a.skip_original:
-        modes = ([] if a.skip_original_eager else [False]) + ([True] if a.compile else [])
+        modes = (([] if a.skip_original_eager else [False])
+                 + ([True] if a.compile else []))
         for compile_ in modes:
             key = "original_compiled" if compile_ else "original"
             if s2:

@@ -8,9 +8,6 @@ in one child process (``speech_fast_attention_cases.py``); on a GPU machine
 ``test_fish_speech_gpu.py`` runs the engine with the compiled kernel.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,19 +18,15 @@ pytest.importorskip("vllm._C")
 
 from vllm.model_executor.layers import speech_fast_attention as sfa  # noqa: E402
 
+from .triton_cases import run_interpreted_cases  # noqa: E402
+
 CASES = Path(__file__).with_name("speech_fast_attention_cases.py")
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("attention") / "results.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, str(CASES), str(out)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out)
+    return run_interpreted_cases(CASES, out)
 
 
 def _tol(t):

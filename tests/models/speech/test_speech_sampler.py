@@ -10,9 +10,6 @@ the same Exp(1) noise as the reference, so the sampled ids must be
 identical, row by row.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,22 +19,15 @@ pytest.importorskip("triton")
 
 from vllm.model_executor.layers import speech_sampler  # noqa: E402
 
+from .triton_cases import run_interpreted_cases  # noqa: E402
+
 CASES = Path(__file__).with_name("speech_sampler_cases.py")
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("sampler") / "results.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, str(CASES), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out)
+    return run_interpreted_cases(CASES, out)
 
 
 @pytest.mark.parametrize("case", ["fish-1024-bf16", "fish-300-fp32", "fish-300-bf16"])
