@@ -322,8 +322,7 @@ def fused_fast_block_available(device: torch.device) -> bool:
 
     return all(
         hasattr(torch.ops._C, op)
-        for op in ("rms_norm", "fused_add_rms_norm", "rotary_embedding",
-                   "silu_and_mul")
+        for op in ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul")
     )
 
 
@@ -400,7 +399,13 @@ class _FastAttention(nn.Module):
         if seqlen == 1 and self.decode_kernel:
             # one Triton launch: q/k norm, RoPE, cache write, GQA attention
             y = decode_attention(
-                q, k, v, *cache, start, cos_sin, 1.0 / math.sqrt(self.head_dim),
+                q,
+                k,
+                v,
+                *cache,
+                start,
+                cos_sin,
+                1.0 / math.sqrt(self.head_dim),
                 q_norm=self.q_norm.weight if self.qk_norm else None,
                 k_norm=self.k_norm.weight if self.qk_norm else None,
                 eps=eps,
@@ -520,18 +525,37 @@ def _fish_penalize(
 
 
 def _fish_probs(
-    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """fish-speech ``logits_to_probs`` after the penalty: top-p on the
-    untempered softmax (top token always kept), then the temperature."""
+    untempered softmax (and, for S2, top-k) removes sorted positions, the
+    top one always kept; then the temperature."""
     sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
     cum = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
     remove = cum > top_p[:, None]
+    if top_k is not None:
+        ranks = torch.arange(logits.shape[-1], device=logits.device)[None]
+        remove |= ranks >= top_k[:, None]
     remove[:, 0] = False
     remove = remove.scatter(1, sorted_idx, remove)
     logits = logits.masked_fill(remove, float("-inf"))
     logits = logits / torch.clamp(temperature, min=_SAMPLING_EPS)[:, None]
     return torch.softmax(logits, dim=-1)
+
+
+def _race_draw(
+    probs: torch.Tensor,
+    greedy: torch.Tensor,
+    argmax: torch.Tensor,
+    generators: dict[int, torch.Generator],
+) -> torch.Tensor:
+    """``argmax(probs / Exp(1))`` as ``multinomial_sample_one_no_sync``;
+    greedy rows keep ``argmax``."""
+    sampled = torch.argmax(probs / _exp_noise(probs, generators), dim=-1)
+    return torch.where(greedy, argmax, sampled)
 
 
 def _fish_sample(
@@ -545,17 +569,14 @@ def _fish_sample(
     all_greedy: bool = False,
 ) -> torch.Tensor:
     """A batch of fish-speech ``sample`` calls: logits [R, V] fp32, per-row
-    params [R], prev [R, P] ids to penalise. The draw is
-    ``argmax(probs / Exp(1))`` as ``multinomial_sample_one_no_sync``; greedy
-    rows take the argmax after the penalty (what a vanishing top-p gives in
-    the original)."""
+    params [R], prev [R, P] ids to penalise. Greedy rows take the argmax
+    after the penalty (what a vanishing top-p gives in the original)."""
     logits = _fish_penalize(logits, penalty, prev)
     out = logits.argmax(dim=-1)
     if all_greedy:
         return out
     probs = _fish_probs(logits, temperature, top_p)
-    sampled = torch.argmax(probs / _exp_noise(probs, generators), dim=-1)
-    return torch.where(greedy, out, sampled)
+    return _race_draw(probs, greedy, out, generators)
 
 
 def _s2_sample(
@@ -567,25 +588,13 @@ def _s2_sample(
     generators: dict[int, torch.Generator],
     all_greedy: bool = False,
 ) -> torch.Tensor:
-    """S2 ``logits_to_probs``: top-p (untempered softmax) or top-k removes a
-    sorted position (the top one is always kept), then the temperature, then
-    ``argmax(probs / Exp(1))``. Greedy rows: argmax."""
+    """S2 ``logits_to_probs`` (top-p or top-k, then the temperature) and the
+    same draw. Greedy rows: argmax."""
     out = logits.argmax(dim=-1)
     if all_greedy:
         return out
-    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
-    cum = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
-    remove = cum > top_p[:, None]
-    if top_k is not None:
-        ranks = torch.arange(logits.shape[-1], device=logits.device)[None]
-        remove |= ranks >= top_k[:, None]
-    remove[:, 0] = False
-    remove = remove.scatter(1, sorted_idx, remove)
-    logits = logits.masked_fill(remove, float("-inf"))
-    logits = logits / torch.clamp(temperature, min=_SAMPLING_EPS)[:, None]
-    probs = torch.softmax(logits, dim=-1)
-    sampled = torch.argmax(probs / _exp_noise(probs, generators), dim=-1)
-    return torch.where(greedy, out, sampled)
+    probs = _fish_probs(logits, temperature, top_p, top_k)
+    return _race_draw(probs, greedy, out, generators)
 
 
 def _sample_allowed(
@@ -688,11 +697,14 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
         # get -inf): S2 restricts sampling to them anyway; for 1.5/S1 it is an
         # opt-in (hf_overrides {"semantic_only_head": true}) since the
         # originals sample the whole vocabulary.
-        self.semantic_only_head = bool(
-            getattr(config, "semantic_only_head", None)
-            if getattr(config, "semantic_only_head", None) is not None
-            else self.version == "s2"
-        ) and get_tensor_model_parallel_world_size() == 1
+        self.semantic_only_head = (
+            bool(
+                getattr(config, "semantic_only_head", None)
+                if getattr(config, "semantic_only_head", None) is not None
+                else self.version == "s2"
+            )
+            and get_tensor_model_parallel_world_size() == 1
+        )
         # The fast loop as CUDA graphs (GPU, not enforce_eager).
         self._fast_graphs: dict[bool, FastLoopGraphs] | None = None
         if (
@@ -984,8 +996,16 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
 
         c0_new = (main - self.semantic_begin_id).clamp(0, self.codebook_size - 1)
         aux = self._run_fast(
-            hidden_states, c0_new, greedy, temperature, top_p, penalty, None,
-            window, generators, all_greedy,
+            hidden_states,
+            c0_new,
+            greedy,
+            temperature,
+            top_p,
+            penalty,
+            None,
+            window,
+            generators,
+            all_greedy,
         )
         return main.long(), aux.long()
 
@@ -1018,7 +1038,13 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
             pos += x.shape[1]
             if s2:
                 ck = _s2_draw(
-                    lg, greedy, temperature, top_p, top_k, generators, all_greedy,
+                    lg,
+                    greedy,
+                    temperature,
+                    top_p,
+                    top_k,
+                    generators,
+                    all_greedy,
                     self.fused_fast_sampler,
                 )
             elif self.fused_fast_sampler:
@@ -1035,8 +1061,14 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
                 )
             else:
                 ck = _fish_sample(
-                    lg, greedy, temperature, top_p, penalty, window[:, :, k + 1],
-                    generators, all_greedy,
+                    lg,
+                    greedy,
+                    temperature,
+                    top_p,
+                    penalty,
+                    window[:, :, k + 1],
+                    generators,
+                    all_greedy,
                 )
             codes.append(ck)
             x = self.fast_embeddings(ck)[:, None]
@@ -1049,8 +1081,17 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
         return self._fast_loop(*args, all_greedy=True)
 
     def _run_fast(
-        self, hidden, c0, greedy, temperature, top_p, penalty, top_k, window,
-        generators, all_greedy,
+        self,
+        hidden,
+        c0,
+        greedy,
+        temperature,
+        top_p,
+        penalty,
+        top_k,
+        window,
+        generators,
+        all_greedy,
     ) -> torch.Tensor:
         """The fast loop, replayed from a CUDA graph when possible (no seeded
         requests in the batch), else eagerly."""
@@ -1091,8 +1132,15 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
         ids = self._s2_allowed_ids(logits.device)
         fused = self.fused_fast_sampler and ids.numel() <= FUSED_SAMPLE_MAX_VOCAB
         main = _sample_allowed(
-            logits, ids, greedy, temperature, top_p, top_k, generators,
-            all_greedy, fused,
+            logits,
+            ids,
+            greedy,
+            temperature,
+            top_p,
+            top_k,
+            generators,
+            all_greedy,
+            fused,
         )
         # history [R, 11, K]: column 0 is the first generated frame (sampled at
         # prefill), which the original's rolling window never holds.
@@ -1113,8 +1161,15 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
             main = torch.where(repeated, alt, main)
         c0 = (main - self.semantic_begin_id).clamp(0, self.codebook_size - 1)
         codes = self._run_fast(
-            hidden_states, c0, greedy, temperature, top_p,
-            torch.ones_like(temperature), top_k, history[:, :1, :1], generators,
+            hidden_states,
+            c0,
+            greedy,
+            temperature,
+            top_p,
+            torch.ones_like(temperature),
+            top_k,
+            history[:, :1, :1],
+            generators,
             all_greedy,
         )
         return main.long(), codes.long()
@@ -1124,10 +1179,16 @@ class FishSpeechForCausalLM(nn.Module, FishSpeechTTSMixin):
         range and ``<|im_end|>``."""
         ids = self._s2_ids_cache.get(device)
         if ids is None:
-            ids = torch.cat([
-                torch.arange(self.semantic_begin_id, self.semantic_end_id + 1),
-                torch.tensor([self.im_end_id]),
-            ]).unique(sorted=True).to(device)
+            ids = (
+                torch.cat(
+                    [
+                        torch.arange(self.semantic_begin_id, self.semantic_end_id + 1),
+                        torch.tensor([self.im_end_id]),
+                    ]
+                )
+                .unique(sorted=True)
+                .to(device)
+            )
             self._s2_ids_cache[device] = ids
         return ids
 

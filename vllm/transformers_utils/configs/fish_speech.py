@@ -97,6 +97,22 @@ def resolve_dual_ar_args(args: dict[str, Any], version: str) -> dict[str, Any]:
     return a
 
 
+# The fields vLLM reads, set by ``_set_dual_ar`` from the release's own: a
+# saved config holds them too, and they are derived again, not read back.
+_HF_VIEW_KEYS = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_hidden_layers",
+    "max_position_embeddings",
+    "rope_theta",
+    "rope_parameters",
+    "rms_norm_eps",
+    "hidden_act",
+    "head_dim",
+)
+
+
 class _FishDualARConfigBase(PretrainedConfig):
     def _set_dual_ar(self, flat: dict[str, Any]) -> None:
         for k, v in flat.items():
@@ -145,18 +161,7 @@ class FishSpeechConfig(_FishDualARConfigBase):
         self.semantic_begin_id = semantic_begin_id
         self.semantic_end_id = semantic_end_id
         self.im_end_id = im_end_id
-        for k in (
-            "hidden_size",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "num_hidden_layers",
-            "max_position_embeddings",
-            "rope_theta",
-            "rope_parameters",
-            "rms_norm_eps",
-            "hidden_act",
-            "head_dim",
-        ):
+        for k in _HF_VIEW_KEYS:
             kwargs.pop(k, None)
         super().__init__(
             architectures=architectures or [FISH_DUAL_AR_ARCH],
@@ -228,21 +233,13 @@ class FishQwen3OmniConfig(_FishDualARConfigBase):
             )
             flat_in = {k: v for k, v in flat_in.items() if v is not None}
         flat = resolve_dual_ar_args(flat_in, "s2")
-        for k in list(_DUAL_AR_DEFAULTS) + [
-            "hidden_size",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "num_hidden_layers",
-            "max_position_embeddings",
-            "rope_theta",
-            "rope_parameters",
-            "rms_norm_eps",
-            "hidden_act",
-            "head_dim",
+        for k in (
+            *_DUAL_AR_DEFAULTS,
+            *_HF_VIEW_KEYS,
             "semantic_begin_id",
             "semantic_end_id",
             "im_end_id",
-        ]:
+        ):
             kwargs.pop(k, None)
         self._set_dual_ar(flat)
         self.semantic_start_token_id = semantic_start_token_id
