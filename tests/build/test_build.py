@@ -96,6 +96,25 @@ def test_overlays_are_new_files_only():
             assert head and head[0].startswith("# SPDX-License-Identifier"), rel
 
 
+def test_overlay_and_patched_files_pass_vllm_lint():
+    """vLLM's pre-commit ruff hooks (ruff-check, ruff-format) with the
+    tree's own pyproject.toml, on every Python file the patch set adds or
+    changes; ruff as vLLM 0.26.0 pins it (tools/requirements-test.txt)."""
+    files = [rel for rel in build.overlay_files() if rel.endswith(".py")]
+    for patch in build.series():
+        files += [f for f in build.patched_files(patch)
+                  if f.endswith(".py") and f not in files]
+    assert "vllm/v1/worker/gpu_model_runner.py" in files
+    ruff = [sys.executable, "-m", "ruff"]
+    version = subprocess.run([*ruff, "--version"], capture_output=True,
+                             text=True, check=True).stdout
+    assert version.split() == ["ruff", "0.14.0"], version
+    for cmd in (["check", "--no-cache"], ["format", "--check", "--no-cache"]):
+        proc = subprocess.run([*ruff, *cmd, *files], capture_output=True,
+                              text=True, cwd=TREE)
+        assert proc.returncode == 0, f"ruff {cmd[0]}:\n{proc.stdout}{proc.stderr}"
+
+
 # ------------------------------------------------------------- the package
 def test_installed_vllm_is_the_patched_tree():
     import vllm

@@ -39,8 +39,13 @@ def derive_codes(main: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
     valid = history[..., 0] >= 0
     hist_sum = torch.where(valid[..., None], history, 0).sum(dim=1)  # [R, K]
     ks = torch.arange(NUM_AUX, device=main.device)
-    return (main[:, None] * (ks + 2) + hist_sum[:, 0:1] + hist_sum[:, 1:]
-            + valid.sum(1, keepdim=True) + ks) % BOOK
+    return (
+        main[:, None] * (ks + 2)
+        + hist_sum[:, 0:1]
+        + hist_sum[:, 1:]
+        + valid.sum(1, keepdim=True)
+        + ks
+    ) % BOOK
 
 
 class ToyCodebookLM(Qwen2ForCausalLM):
@@ -73,8 +78,7 @@ def reference_generate(hf_model, prompt_ids, prompt_aux, steps):
     out_ids, out_aux = [], []
     for _ in range(steps):
         t_ids = torch.tensor(ids)[None]
-        emb = add_aux(hf_model.get_input_embeddings()(t_ids),
-                      torch.tensor(aux)[None])
+        emb = add_aux(hf_model.get_input_embeddings()(t_ids), torch.tensor(aux)[None])
         logits = hf_model(inputs_embeds=emb).logits[0, -1].float()
         main = logits.argmax()[None]
         hist = torch.full((1, WINDOW, 1 + NUM_AUX), -1, dtype=torch.long)

@@ -50,8 +50,10 @@ def reference(q, k, v, k_cache, v_cache, pos, cos_sin, scale, qn, kn, eps):
     v_cache[:, :, pos] = v.reshape(rows, kv, d)
     y = F.scaled_dot_product_attention(
         q.view(rows, 1, -1, d).transpose(1, 2),
-        k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1],
-        scale=scale, enable_gqa=True,
+        k_cache[:, :, : pos + 1],
+        v_cache[:, :, : pos + 1],
+        scale=scale,
+        enable_gqa=True,
     )
     return y.transpose(1, 2).reshape(rows, -1)
 
@@ -67,8 +69,8 @@ def kernel_cases(k, results):
     cases = [
         (3, 4, 2, 16, 6, 4, False, torch.float32),
         (2, 8, 1, 32, 10, 0, False, torch.float32),  # first position, MQA
-        (1, 6, 2, 16, 10, 9, True, torch.float32),   # group of 3, last slot
-        (4, 4, 4, 64, 8, 5, True, torch.float32),    # no GQA
+        (1, 6, 2, 16, 10, 9, True, torch.float32),  # group of 3, last slot
+        (4, 4, 4, 64, 8, 5, True, torch.float32),  # no GQA
         (3, 16, 2, 64, 10, 7, False, torch.bfloat16),
         (2, 8, 2, 32, 10, 3, True, torch.bfloat16),
     ]
@@ -76,8 +78,9 @@ def kernel_cases(k, results):
     for rows, h, kv, d, t, pos, norm, dtype in cases:
         qkv = torch.randn(rows, (h + 2 * kv) * d, generator=gen).to(dtype)
         q, kk, v = qkv.split([h * d, kv * d, kv * d], dim=-1)  # strided views
-        caches = [torch.randn(rows, kv, t, d, generator=gen).to(dtype)
-                  for _ in range(2)]
+        caches = [
+            torch.randn(rows, kv, t, d, generator=gen).to(dtype) for _ in range(2)
+        ]
         qn = kn = None
         if norm:
             qn = (1 + 0.2 * torch.randn(d, generator=gen)).to(dtype)
@@ -86,12 +89,19 @@ def kernel_cases(k, results):
         scale = 1 / math.sqrt(d)
         ref_caches = [c.clone() for c in caches]
         want = reference(q, kk, v, *ref_caches, pos, cs, scale, qn, kn, 1e-6)
-        got = sfa.decode_attention(q, kk, v, *caches, pos, cs, scale, q_norm=qn,
-                                   k_norm=kn, eps=1e-6, kernel=k)
+        got = sfa.decode_attention(
+            q, kk, v, *caches, pos, cs, scale, q_norm=qn, k_norm=kn, eps=1e-6, kernel=k
+        )
         kind = "norm" if norm else "plain"
         name = f"r{rows}-h{h}-kv{kv}-d{d}-t{t}-p{pos}-{kind}-{dtype}"
-        results[name] = dict(got=got, want=want, k=caches[0], want_k=ref_caches[0],
-                             v=caches[1], want_v=ref_caches[1])
+        results[name] = dict(
+            got=got,
+            want=want,
+            k=caches[0],
+            want_k=ref_caches[0],
+            v=caches[1],
+            want_v=ref_caches[1],
+        )
 
 
 def loop_cases(k, results):
@@ -100,11 +110,19 @@ def loop_cases(k, results):
     from fish_fast_loop import make_fast_loop
 
     sfa._decode_attention = k  # decode_attention() launches this jit
-    dims = dict(fast_dim=64, fast_n_head=4, fast_n_local_heads=2, fast_head_dim=16,
-                fast_intermediate_size=96, n_fast_layer=2, codebook_size=128)
+    dims = dict(
+        fast_dim=64,
+        fast_n_head=4,
+        fast_n_local_heads=2,
+        fast_head_dim=16,
+        fast_intermediate_size=96,
+        n_fast_layer=2,
+        codebook_size=128,
+    )
     for qk_norm, version in [(False, "s1"), (True, "s2")]:
-        m = make_fast_loop({**dims, "qk_norm": qk_norm}, version=version,
-                           fused=True, num_codebooks=6)
+        m = make_fast_loop(
+            {**dims, "qk_norm": qk_norm}, version=version, fused=True, num_codebooks=6
+        )
         rows = 3
         gen = torch.Generator().manual_seed(1)
         x0 = m.fast_input(torch.randn(rows, dims["fast_dim"], generator=gen))
@@ -123,12 +141,19 @@ def loop_cases(k, results):
                     logits.append(lg)
                     codes.append(lg.argmax(-1))
                     x = m.fast_embeddings(codes[-1])[:, None]
-            out[use] = (torch.stack(logits), torch.stack(codes),
-                        torch.stack([c for kv in caches for c in kv]))
+            out[use] = (
+                torch.stack(logits),
+                torch.stack(codes),
+                torch.stack([c for kv in caches for c in kv]),
+            )
         results[f"loop-{version}"] = dict(
-            got=out[True][0], want=out[False][0], got_codes=out[True][1],
-            want_codes=out[False][1], got_cache=out[True][2],
-            want_cache=out[False][2])
+            got=out[True][0],
+            want=out[False][0],
+            got_codes=out[True][1],
+            want_codes=out[False][1],
+            got_cache=out[True][2],
+            want_cache=out[False][2],
+        )
 
 
 def main(out):

@@ -60,13 +60,27 @@ def main(out):
         prev[:, 8:] = prev[:, :8]  # repeated ids are penalised once
         noise = torch.empty(rows, vocab).exponential_(1, generator=gen)
         want = _with_noise(
-            noise, fish._fish_sample,
-            logits, greedy, temperature, top_p, penalty, prev, {}, False,
+            noise,
+            fish._fish_sample,
+            logits,
+            greedy,
+            temperature,
+            top_p,
+            penalty,
+            prev,
+            {},
+            False,
         )
         got, other = (
             speech_sampler.fused_sample(
-                logits, greedy, temperature, top_p, q,
-                penalty=penalty, prev=prev, kernel=k,
+                logits,
+                greedy,
+                temperature,
+                top_p,
+                q,
+                penalty=penalty,
+                prev=prev,
+                kernel=k,
             )
             for q in (noise, noise.flip(-1).contiguous())
         )
@@ -81,8 +95,15 @@ def main(out):
     top_k[:2] = vocab  # top-k off
     noise = torch.empty(rows, vocab).exponential_(1, generator=gen)
     want = _with_noise(
-        noise, fish._s2_sample,
-        logits, greedy, temperature, top_p, top_k, {}, False,
+        noise,
+        fish._s2_sample,
+        logits,
+        greedy,
+        temperature,
+        top_p,
+        top_k,
+        {},
+        False,
     )
     got = speech_sampler.fused_sample(
         logits, greedy, temperature, top_p, noise, top_k=top_k, kernel=k
@@ -97,14 +118,26 @@ def main(out):
     want = fish._fish_penalize(logits, penalty, prev).argmax(-1)
     ones = torch.ones(5)
     greedy_got = speech_sampler.fused_sample(
-        logits, torch.ones(5, dtype=torch.bool), ones, ones, torch.ones(5, 600),
-        penalty=penalty, prev=prev, all_greedy=True, kernel=k,
+        logits,
+        torch.ones(5, dtype=torch.bool),
+        ones,
+        ones,
+        torch.ones(5, 600),
+        penalty=penalty,
+        prev=prev,
+        all_greedy=True,
+        kernel=k,
     )
     # top-p that keeps only the top token: every row draws the argmax
     tiny_top_p_got = speech_sampler.fused_sample(
-        logits, torch.zeros(5, dtype=torch.bool), ones, torch.full((5,), 1e-6),
+        logits,
+        torch.zeros(5, dtype=torch.bool),
+        ones,
+        torch.full((5,), 1e-6),
         torch.empty(5, 600).exponential_(1, generator=gen),
-        penalty=penalty, prev=prev, kernel=k,
+        penalty=penalty,
+        prev=prev,
+        kernel=k,
     )
     results["strided"] = dict(
         want=want, greedy_got=greedy_got, tiny_top_p_got=tiny_top_p_got

@@ -35,8 +35,8 @@ def _install_matcha_logger_shim() -> None:
 
 _install_matcha_logger_shim()
 
-from cosyvoice.hifigan.f0_predictor import (
-    ConvRNNF0Predictor as RefF0Predictor,  # noqa: E402
+from cosyvoice.hifigan.f0_predictor import (  # noqa: E402
+    ConvRNNF0Predictor as RefF0Predictor,
 )
 from cosyvoice.hifigan.generator import HiFTGenerator as RefHiFT  # noqa: E402
 
@@ -183,8 +183,8 @@ def test_hift_load_errors(ref_hift):
 
 
 # ---------------------------------------------------------------- flow ----
-from cosyvoice.flow.decoder import (
-    CausalConditionalDecoder as RefEstimator,  # noqa: E402
+from cosyvoice.flow.decoder import (  # noqa: E402
+    CausalConditionalDecoder as RefEstimator,
 )
 from cosyvoice.flow.flow import CausalMaskedDiffWithXvec as RefFlow  # noqa: E402
 from cosyvoice.flow.flow_matching import CausalConditionalCFM as RefCFM  # noqa: E402

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"
+)
 # The test process touches CUDA: engine cores must be spawned, not forked.
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
@@ -49,8 +50,10 @@ def _decoder(kind: str, out: Path):
     voice = VoicePrompt(
         ref_text="",
         codes=spk["flow_prompt_speech_token"].numpy(),
-        extra={"prompt_feat": spk["prompt_speech_feat"].numpy(),
-               "embedding": spk["flow_embedding"].numpy()},
+        extra={
+            "prompt_feat": spk["prompt_speech_feat"].numpy(),
+            "embedding": spk["flow_embedding"].numpy(),
+        },
     )
     return Decoder(str(out), torch.device("cuda")), voice
 
@@ -65,8 +68,9 @@ def test_decode_worker_rounds_on_gpu(kind, tmp_path, monkeypatch):
     decoder, voice = _decoder(kind, tmp_path / kind)
     fallbacks: list = []
     inner = t2w_mod._alone
-    monkeypatch.setattr(t2w_mod, "_alone",
-                        lambda m, j: fallbacks.append(j) or inner(m, j))
+    monkeypatch.setattr(
+        t2w_mod, "_alone", lambda m, j: fallbacks.append(j) or inner(m, j)
+    )
     sizes: list[int] = []
     batch = decoder.t2w.token2wav_batch
     decoder.t2w.token2wav_batch = lambda jobs: sizes.append(len(jobs)) or batch(jobs)
@@ -86,7 +90,7 @@ def test_decode_worker_rounds_on_gpu(kind, tmp_path, monkeypatch):
         s = await worker.call(lambda: decoder.open_stream(voice))
         parts = []
         for i in range(0, len(t), 30):
-            parts += [c async for c in worker.stream(s, t[i:i + 30])]
+            parts += [c async for c in worker.stream(s, t[i : i + 30])]
         parts += [c async for c in worker.stream(s, None)]
         return np.concatenate(parts)
 
@@ -123,25 +127,45 @@ def test_lm_async_scheduling_equals_sync(kind, tmp_path):
     texts = ["The quick brown fox.", "Jumps over the lazy dog, twice.", "Hello."]
     results = {}
     for async_ in (True, False):
-        llm = LLM(model=str(out), dtype="float32", max_model_len=1024,
-                  max_num_seqs=4, gpu_memory_utilization=0.2,
-                  async_scheduling=async_)
+        llm = LLM(
+            model=str(out),
+            dtype="float32",
+            max_model_len=1024,
+            max_num_seqs=4,
+            gpu_memory_utilization=0.2,
+            async_scheduling=async_,
+        )
         try:
-            assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling \
-                is async_
+            assert (
+                llm.llm_engine.vllm_config.scheduler_config.async_scheduling is async_
+            )
             from vllm.model_executor.model_loader import get_model_cls
 
             model_cls = get_model_cls(llm.llm_engine.model_config)
             prompts, params = [], []
             for i, text in enumerate(texts):
-                p = TextToSpeechParams(text=text,
-                                       model_config=llm.llm_engine.model_config,
-                                       voice=None, speaker=None, extra={})
-                prompts.append(TokensPrompt(
-                    **model_cls.get_speech_generation_prompt(p)))
-                params.append(model_cls.get_speech_sampling_params(
-                    p, {"temperature": 1.0, "top_p": 0.8, "top_k": 25,
-                        "seed": 7 + i, "max_tokens": 200}))
+                p = TextToSpeechParams(
+                    text=text,
+                    model_config=llm.llm_engine.model_config,
+                    voice=None,
+                    speaker=None,
+                    extra={},
+                )
+                prompts.append(
+                    TokensPrompt(**model_cls.get_speech_generation_prompt(p))
+                )
+                params.append(
+                    model_cls.get_speech_sampling_params(
+                        p,
+                        {
+                            "temperature": 1.0,
+                            "top_p": 0.8,
+                            "top_k": 25,
+                            "seed": 7 + i,
+                            "max_tokens": 200,
+                        },
+                    )
+                )
             outs = llm.generate(prompts, params, use_tqdm=False)
             results[async_] = [list(o.outputs[0].token_ids) for o in outs]
         finally:

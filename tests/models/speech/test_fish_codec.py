@@ -411,8 +411,9 @@ def test_speech_decoder_adapter(dac_files):
         assert audio.shape == (len(f) * 2048,)
         np.testing.assert_allclose(audio, alone, atol=1e-5)
     session = dec.open_stream()
-    streamed = np.concatenate([session.decode(frames[1][a:b])
-                               for a, b in ((0, 2), (2, 3), (3, 9), (9, 12))])
+    streamed = np.concatenate(
+        [session.decode(frames[1][a:b]) for a, b in ((0, 2), (2, 3), (3, 9), (9, 12))]
+    )
     np.testing.assert_allclose(streamed, batched[1], atol=1e-4)
     voice = dec.encode_reference(_test_audio(1, 3 * 2048)[0, 0].numpy(), 44100, "hi")
     assert voice.codes.shape == (10, 3) and voice.ref_text == "hi"

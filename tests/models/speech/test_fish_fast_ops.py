@@ -22,29 +22,48 @@ sys.path.insert(0, str(Path(os.path.realpath(__file__)).parents[3] / "tools"))
 from fish_fast_loop import make_fast_loop  # noqa: E402
 
 pytest.importorskip("vllm._C")
-if not all(hasattr(torch.ops._C, op) for op in (
-        "rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul")):
+if not all(
+    hasattr(torch.ops._C, op)
+    for op in ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul")
+):
     pytest.skip("vLLM's _C ops are not built", allow_module_level=True)
 
 
-DIMS = dict(fast_dim=64, fast_n_head=4, fast_n_local_heads=2, fast_head_dim=16,
-            fast_intermediate_size=96, n_fast_layer=2, codebook_size=128)
+DIMS = dict(
+    fast_dim=64,
+    fast_n_head=4,
+    fast_n_local_heads=2,
+    fast_head_dim=16,
+    fast_intermediate_size=96,
+    n_fast_layer=2,
+    codebook_size=128,
+)
 
 
 def _fast_model(qk_norm: bool, fused: bool, version: str):
-    return make_fast_loop({**DIMS, "qk_norm": qk_norm}, version=version,
-                          fused=fused, num_codebooks=6)
+    return make_fast_loop(
+        {**DIMS, "qk_norm": qk_norm}, version=version, fused=fused, num_codebooks=6
+    )
 
 
 def _inputs(m, rows):
     gen = torch.Generator().manual_seed(rows)
     hidden = torch.randn(rows, m.config.fast_dim, generator=gen)
     c0 = torch.randint(0, m.codebook_size, (rows,), generator=gen)
-    window = torch.randint(0, m.codebook_size, (rows, 16, m.num_codebooks + 1),
-                           generator=gen)
+    window = torch.randint(
+        0, m.codebook_size, (rows, 16, m.num_codebooks + 1), generator=gen
+    )
     ones = torch.ones(rows)
-    return (hidden, c0, torch.ones(rows, dtype=torch.bool), ones * 0, ones * 0.8,
-            ones * 1.2, torch.full((rows,), m.codebook_size), window)
+    return (
+        hidden,
+        c0,
+        torch.ones(rows, dtype=torch.bool),
+        ones * 0,
+        ones * 0.8,
+        ones * 1.2,
+        torch.full((rows,), m.codebook_size),
+        window,
+    )
 
 
 @pytest.mark.parametrize("qk_norm,version", [(False, "s1"), (True, "s2")])

@@ -423,10 +423,10 @@ def test_s2_slow_token_on_allowed_ids_equals_masked_vocab(im_end, monkeypatch):
         assert torch.equal(got, want)
         assert got[3] == im_end and bool(allowed[got].all())
         # another noise: other draws for the sampled rows
-        monkeypatch.setattr(fish, "_exp_noise",
-                            lambda like, gens: noise.flip(0)[:, ids])
-        other = fish._sample_allowed(logits, ids, greedy, temperature, top_p,
-                                     top_k, {})
+        monkeypatch.setattr(
+            fish, "_exp_noise", lambda like, gens: noise.flip(0)[:, ids]
+        )
+        other = fish._sample_allowed(logits, ids, greedy, temperature, top_p, top_k, {})
         assert torch.equal(other[:3], want[:3]) and not torch.equal(other, want)
 
 

@@ -39,8 +39,9 @@ def fish_dir(tmp_path_factory):
     from make_fish_codec import make_s1_codec
 
     out = tmp_path_factory.mktemp("fish") / "openaudio-s1-tiny"
-    make_s1(out, seed=0, dtype=torch.float32, dims={"num_codebooks": 10},
-            codebook_size=4096)
+    make_s1(
+        out, seed=0, dtype=torch.float32, dims={"num_codebooks": 10}, codebook_size=4096
+    )
     make_s1_codec(out / "codec.pth", seed=0)
     return out
 
@@ -58,11 +59,22 @@ def media_dir(tmp_path_factory):
 def server(fish_dir, media_dir):
     from demo import serve
 
-    with serve(fish_dir, [
-        "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "4",
-        "--kv-cache-memory-bytes", str(64 << 20), "--enforce-eager",
-        "--allowed-local-media-path", str(media_dir),
-    ]) as base:
+    with serve(
+        fish_dir,
+        [
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "512",
+            "--max-num-seqs",
+            "4",
+            "--kv-cache-memory-bytes",
+            str(64 << 20),
+            "--enforce-eager",
+            "--allowed-local-media-path",
+            str(media_dir),
+        ],
+    ) as base:
         yield base
 
 
@@ -101,9 +113,15 @@ def _reference_audio(reference, refs=()) -> np.ndarray:
 
 def _speak(client, **extra):
     resp = client.audio.speech.create(
-        model="", input=TEXT, voice="default", response_format="flac",
-        extra_body={**dict(temperature=0.0, repetition_penalty=RP,
-                           max_new_tokens=FRAMES), **extra})
+        model="",
+        input=TEXT,
+        voice="default",
+        response_format="flac",
+        extra_body={
+            **dict(temperature=0.0, repetition_penalty=RP, max_new_tokens=FRAMES),
+            **extra,
+        },
+    )
     audio, sr = soundfile.read(io.BytesIO(resp.content), dtype="float32")
     assert sr == SR
     return audio
@@ -121,9 +139,16 @@ def test_streaming_equals_one_shot(client):
     one_shot = _speak(client)
     pcm = bytearray()
     with client.audio.speech.with_streaming_response.create(
-        model="", input=TEXT, voice="default", response_format="pcm",
-        extra_body=dict(stream_format="audio", temperature=0.0,
-                        repetition_penalty=RP, max_new_tokens=FRAMES),
+        model="",
+        input=TEXT,
+        voice="default",
+        response_format="pcm",
+        extra_body=dict(
+            stream_format="audio",
+            temperature=0.0,
+            repetition_penalty=RP,
+            max_new_tokens=FRAMES,
+        ),
     ) as resp:
         for chunk in resp.iter_bytes():
             pcm += chunk
@@ -135,8 +160,9 @@ def test_streaming_equals_one_shot(client):
 def test_zero_shot_equals_original_pipeline(client, reference, media_dir):
     from vllm.entrypoints.text_to_speech.audio import load_reference_audio
 
-    audio = _speak(client, ref_audio=f"file://{media_dir / 'ref.wav'}",
-                   ref_text=REF_TEXT)
+    audio = _speak(
+        client, ref_audio=f"file://{media_dir / 'ref.wav'}", ref_text=REF_TEXT
+    )
     _, codec = reference
     wav = load_reference_audio((media_dir / "ref.wav").read_bytes(), SR, 60.0)
     with torch.no_grad():
@@ -153,13 +179,16 @@ def test_seeded_sampling_reproducible(client):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("fields, needle", [
-    (dict(ref_audio="file:///etc/passwd", ref_text="x"), "allowed"),
-    (dict(ref_audio="bm90IGF1ZGlv", ref_text="x"), "unsupported audio"),
-    (dict(ref_audio="bm90IGF1ZGlv"), "ref_text"),
-    (dict(input=""), "input"),
-    (dict(voice="nobody"), "does not exist"),
-])
+@pytest.mark.parametrize(
+    "fields, needle",
+    [
+        (dict(ref_audio="file:///etc/passwd", ref_text="x"), "allowed"),
+        (dict(ref_audio="bm90IGF1ZGlv", ref_text="x"), "unsupported audio"),
+        (dict(ref_audio="bm90IGF1ZGlv"), "ref_text"),
+        (dict(input=""), "input"),
+        (dict(voice="nobody"), "does not exist"),
+    ],
+)
 def test_bad_input(server, fields, needle):
     import json
     import urllib.error
@@ -168,8 +197,11 @@ def test_bad_input(server, fields, needle):
     body = dict(input=TEXT, voice="default", max_new_tokens=4)
     body.update(fields)
     req = urllib.request.Request(
-        server + "/v1/audio/speech", data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"}, method="POST")
+        server + "/v1/audio/speech",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=60)
     assert 400 <= e.value.code < 500

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"
+)
 # The test process touches CUDA: engine cores must be spawned, not forked.
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
@@ -30,8 +31,9 @@ def s1_dir(tmp_path_factory):
     from make_fish_checkpoint import make_s1
 
     out = tmp_path_factory.mktemp("fish") / "s1"
-    make_s1(out, seed=0, dtype=torch.float32, dims={"num_codebooks": 10},
-            codebook_size=4096)
+    make_s1(
+        out, seed=0, dtype=torch.float32, dims={"num_codebooks": 10}, codebook_size=4096
+    )
     return out
 
 
@@ -40,21 +42,38 @@ def _generate(path, seeds, probe=None, **llm_kw):
     from vllm.inputs import TokensPrompt
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    llm = LLM(model=str(path), dtype="float32", max_model_len=512,
-              gpu_memory_utilization=0.3, max_num_seqs=16, **llm_kw)
+    llm = LLM(
+        model=str(path),
+        dtype="float32",
+        max_model_len=512,
+        gpu_memory_utilization=0.3,
+        max_num_seqs=16,
+        **llm_kw,
+    )
     try:
         if probe is not None:
             assert all(llm.apply_model(probe)), "the model did not take the path"
-        prompts = [TokensPrompt(prompt_token_ids=[271 + 11, 104, 101, 108, 108,
-                                                  111, 32 + i])
-                   for i in range(len(seeds))]
-        params = [SamplingParams(temperature=0.0 if s is None else 0.8,
-                                 top_p=0.8, repetition_penalty=1.2,
-                                 max_tokens=STEPS, ignore_eos=True, seed=s,
-                                 detokenize=False) for s in seeds]
+        prompts = [
+            TokensPrompt(prompt_token_ids=[271 + 11, 104, 101, 108, 108, 111, 32 + i])
+            for i in range(len(seeds))
+        ]
+        params = [
+            SamplingParams(
+                temperature=0.0 if s is None else 0.8,
+                top_p=0.8,
+                repetition_penalty=1.2,
+                max_tokens=STEPS,
+                ignore_eos=True,
+                seed=s,
+                detokenize=False,
+            )
+            for s in seeds
+        ]
         outs = llm.generate(prompts, params, use_tqdm=False)
-        return [(list(o.outputs[0].token_ids), o.outputs[0].aux_token_ids.tolist())
-                for o in outs]
+        return [
+            (list(o.outputs[0].token_ids), o.outputs[0].aux_token_ids.tolist())
+            for o in outs
+        ]
     finally:
         del llm
 
@@ -77,13 +96,19 @@ def test_seeded_rows_fall_back_to_eager(s1_dir):
 
 
 def _torch_flags(model):
-    return not (model.fused_fast_block or model.fused_fast_sampler
-                or any(layer.attention.decode_kernel for layer in model.fast_layers))
+    return not (
+        model.fused_fast_block
+        or model.fused_fast_sampler
+        or any(layer.attention.decode_kernel for layer in model.fast_layers)
+    )
 
 
 def _fused_flags(model):
-    return (model.fused_fast_block and model.fused_fast_sampler
-            and all(layer.attention.decode_kernel for layer in model.fast_layers))
+    return (
+        model.fused_fast_block
+        and model.fused_fast_sampler
+        and all(layer.attention.decode_kernel for layer in model.fast_layers)
+    )
 
 
 def test_fused_fast_kernels_equal_torch_paths(s1_dir, monkeypatch):
@@ -98,9 +123,13 @@ def test_fused_fast_kernels_equal_torch_paths(s1_dir, monkeypatch):
     # fast loop is not part of vLLM's compiled graph either way
     eager_slow = {"compilation_config": {"mode": 0}}
     fused = _generate(s1_dir, seeds, probe=_fused_flags, **eager_slow)
-    plain = _generate(s1_dir, seeds, probe=_torch_flags,
-                      hf_overrides={"fused_fast_block": False,
-                                    "fused_fast_sampler": False}, **eager_slow)
+    plain = _generate(
+        s1_dir,
+        seeds,
+        probe=_torch_flags,
+        hf_overrides={"fused_fast_block": False, "fused_fast_sampler": False},
+        **eager_slow,
+    )
     assert fused == plain
 
 
@@ -113,8 +142,11 @@ def test_fused_sampler_matches_torch_on_gpu():
 
     g = torch.Generator(device="cuda").manual_seed(0)
     for rows, vocab, s2 in [(64, 1024, False), (64, 4096, True), (3, 100, False)]:
-        logits = (torch.randn(rows, vocab, generator=g, device="cuda") * 1.5
-                  ).to(torch.bfloat16).float()
+        logits = (
+            (torch.randn(rows, vocab, generator=g, device="cuda") * 1.5)
+            .to(torch.bfloat16)
+            .float()
+        )
         temperature = torch.rand(rows, generator=g, device="cuda") + 0.1
         top_p = torch.rand(rows, generator=g, device="cuda") * 0.9 + 0.05
         greedy = torch.rand(rows, generator=g, device="cuda") < 0.2
@@ -127,17 +159,25 @@ def test_fused_sampler_matches_torch_on_gpu():
         fish._exp_noise = lambda like, generators, q=noise: q
         try:
             if s2:
-                want = fish._s2_sample(logits, greedy, temperature, top_p, top_k,
-                                       {}, False)
+                want = fish._s2_sample(
+                    logits, greedy, temperature, top_p, top_k, {}, False
+                )
             else:
-                want = fish._fish_sample(logits, greedy, temperature, top_p,
-                                         penalty, prev, {}, False)
+                want = fish._fish_sample(
+                    logits, greedy, temperature, top_p, penalty, prev, {}, False
+                )
         finally:
             fish._exp_noise = saved
-        got = fused_sample(logits, greedy, temperature, top_p, noise,
-                           penalty=None if s2 else penalty,
-                           prev=None if s2 else prev,
-                           top_k=top_k if s2 else None)
+        got = fused_sample(
+            logits,
+            greedy,
+            temperature,
+            top_p,
+            noise,
+            penalty=None if s2 else penalty,
+            prev=None if s2 else prev,
+            top_k=top_k if s2 else None,
+        )
         assert torch.equal(got, want), (rows, vocab, s2)
 
 
@@ -151,16 +191,26 @@ def test_semantic_only_head_equals_masked_full_head(s1_dir):
     prompt = TokensPrompt(prompt_token_ids=[282, 104, 101, 108, 108, 111])
     out = {}
     for flag in (True, False):
-        llm = LLM(model=str(s1_dir), dtype="float32", max_model_len=256,
-                  gpu_memory_utilization=0.3, enforce_eager=True,
-                  max_logprobs=50, hf_overrides={"semantic_only_head": flag})
+        llm = LLM(
+            model=str(s1_dir),
+            dtype="float32",
+            max_model_len=256,
+            gpu_memory_utilization=0.3,
+            enforce_eager=True,
+            max_logprobs=50,
+            hf_overrides={"semantic_only_head": flag},
+        )
         tok = llm.get_tokenizer()
         begin = tok.convert_tokens_to_ids("<|semantic:0|>")
-        last = begin + llm.llm_engine.vllm_config.model_config.hf_config.codebook_size - 1
+        last = (
+            begin + llm.llm_engine.vllm_config.model_config.hf_config.codebook_size - 1
+        )
         im_end = tok.convert_tokens_to_ids("<|im_end|>")
-        res = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1,
-                                                  logprobs=50, detokenize=False),
-                           use_tqdm=False)
+        res = llm.generate(
+            prompt,
+            SamplingParams(temperature=0, max_tokens=1, logprobs=50, detokenize=False),
+            use_tqdm=False,
+        )
         out[flag] = res[0].outputs[0].logprobs[0]
         del llm
     sem, full = out[True], out[False]
@@ -180,26 +230,27 @@ def test_fused_codebook_embedding_sum_matches_torch():
     the torch reference (K gathers + adds, fp32 accumulation) at S1-mini
     shapes, for int32 and int64 codes, bf16 and fp32 tables."""
     from vllm.model_executor.layers.codebook_embedding import (
-        codebook_embedding_sum, codebook_embedding_sum_ref, speech_ops_available)
+        codebook_embedding_sum,
+        codebook_embedding_sum_ref,
+        speech_ops_available,
+    )
 
     assert speech_ops_available(), (
         "vllm._speech_C is not built: run `python setup.py build-kernels "
-        "--site <site-packages>` (or build vLLM with the speech CMake target)")
+        "--site <site-packages>` (or build vLLM with the speech CMake target)"
+    )
     g = torch.Generator(device="cuda").manual_seed(0)
     K, C, H, N = 10, 4096, 1024, 37
     for dtype in (torch.float32, torch.bfloat16):
         w = torch.randn(K * C, H, generator=g, device="cuda").to(dtype)
         for idx in (torch.int32, torch.int64):
-            codes = torch.randint(0, C, (N, K), generator=g,
-                                  device="cuda").to(idx)
+            codes = torch.randint(0, C, (N, K), generator=g, device="cuda").to(idx)
             got = codebook_embedding_sum(codes, w, C)
             ref = codebook_embedding_sum_ref(codes, w, C)
-            exact = (w.float()[codes.long() + torch.arange(K, device="cuda") * C]
-                     .sum(1))
+            exact = w.float()[codes.long() + torch.arange(K, device="cuda") * C].sum(1)
             assert got.dtype == dtype and got.shape == (N, H)
             tol = 1e-5 if dtype == torch.float32 else 2e-2
-            torch.testing.assert_close(got.float(), ref.float(), rtol=tol,
-                                       atol=tol)
+            torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
             torch.testing.assert_close(got.float(), exact, rtol=tol, atol=tol)
 
 

@@ -43,10 +43,14 @@ def hf_model(ckpt):
 def _llm(ckpt, **kw):
     from vllm import LLM
 
-    args = dict(dtype="float32", max_model_len=256, enforce_eager=True,
-                kv_cache_memory_bytes=64 << 20, max_num_seqs=8,
-                model_class_overrides={"Qwen2ForCausalLM":
-                                       "codebook_toy:ToyCodebookLM"})
+    args = dict(
+        dtype="float32",
+        max_model_len=256,
+        enforce_eager=True,
+        kv_cache_memory_bytes=64 << 20,
+        max_num_seqs=8,
+        model_class_overrides={"Qwen2ForCausalLM": "codebook_toy:ToyCodebookLM"},
+    )
     args.update(kw)
     return LLM(str(ckpt), **args)
 
@@ -70,8 +74,9 @@ def _prompts():
     plain = rng.integers(3, 400, size=7).tolist()
     long = rng.integers(3, 400, size=41).tolist()  # 3 prefill chunks
     coded = rng.integers(3, 400, size=20).tolist()
-    coded_rows = [[p, int(rng.integers(BOOK)), int(rng.integers(BOOK))]
-                  for p in range(4, 15)]
+    coded_rows = [
+        [p, int(rng.integers(BOOK)), int(rng.integers(BOOK))] for p in range(4, 15)
+    ]
     return [(plain, []), (long, []), (coded, coded_rows)]
 
 
@@ -79,8 +84,13 @@ def _params(rows=None, steps=STEPS):
     from vllm import SamplingParams
 
     extra = {"prompt_aux_codes": rows} if rows else None
-    return SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True,
-                          detokenize=False, extra_args=extra)
+    return SamplingParams(
+        temperature=0.0,
+        max_tokens=steps,
+        ignore_eos=True,
+        detokenize=False,
+        extra_args=extra,
+    )
 
 
 def _expected(hf_model, ids, rows, steps=STEPS):
@@ -101,8 +111,11 @@ def test_batch_matches_reference(llm, hf_model):
     from vllm.inputs import TokensPrompt
 
     prompts = _prompts()
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in prompts],
-                        [_params(rows) for _, rows in prompts], use_tqdm=False)
+    outs = llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p, _ in prompts],
+        [_params(rows) for _, rows in prompts],
+        use_tqdm=False,
+    )
     for (ids, rows), out in zip(prompts, outs):
         comp = out.outputs[0]
         ref_ids, ref_aux = _expected(hf_model, ids, rows)
@@ -117,28 +130,37 @@ def test_prompt_codes_change_generation(llm):
 
     ids, rows = _prompts()[2]
     zeroed = [[p, 0, 0] for p, *_ in rows]
-    a, b = llm.generate([TokensPrompt(prompt_token_ids=ids)] * 2,
-                        [_params(rows), _params(zeroed)], use_tqdm=False)
-    assert (a.outputs[0].token_ids != b.outputs[0].token_ids
-            or a.outputs[0].aux_token_ids.tolist()
-            != b.outputs[0].aux_token_ids.tolist())
+    a, b = llm.generate(
+        [TokensPrompt(prompt_token_ids=ids)] * 2,
+        [_params(rows), _params(zeroed)],
+        use_tqdm=False,
+    )
+    assert (
+        a.outputs[0].token_ids != b.outputs[0].token_ids
+        or a.outputs[0].aux_token_ids.tolist() != b.outputs[0].aux_token_ids.tolist()
+    )
 
 
-@pytest.mark.parametrize("rows, match", [
-    ([[0, 1]], "must be integer rows"),
-    ([[99, 1, 1]], "positions must lie in the prompt"),
-    ([[0, 1, BOOK]], f"codes must be < {BOOK}"),
-    ([[0, -1, 0]], "codes must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        ([[0, 1]], "must be integer rows"),
+        ([[99, 1, 1]], "positions must lie in the prompt"),
+        ([[0, 1, BOOK]], f"codes must be < {BOOK}"),
+        ([[0, -1, 0]], "codes must be >= 0"),
+    ],
+)
 def test_bad_prompt_codes_rejected(llm, rows, match):
     from vllm.inputs import TokensPrompt
 
     with pytest.raises(ValueError, match=match):
-        llm.generate(TokensPrompt(prompt_token_ids=[5, 6, 7]), _params(rows),
-                     use_tqdm=False)
+        llm.generate(
+            TokensPrompt(prompt_token_ids=[5, 6, 7]), _params(rows), use_tqdm=False
+        )
     # The engine keeps serving.
-    out = llm.generate(TokensPrompt(prompt_token_ids=[5, 6, 7]), _params(steps=2),
-                       use_tqdm=False)
+    out = llm.generate(
+        TokensPrompt(prompt_token_ids=[5, 6, 7]), _params(steps=2), use_tqdm=False
+    )
     assert len(out[0].outputs[0].token_ids) == 2
 
 
@@ -148,14 +170,23 @@ def test_preemption_keeps_codes(ckpt, hf_model, llm):
     del llm  # keep PYTHONPATH set by the shared fixture
     from vllm.inputs import TokensPrompt
 
-    small = _llm(ckpt, kv_cache_memory_bytes=128 * 1024, block_size=16,
-                 max_num_seqs=4, max_model_len=96, disable_log_stats=False)
+    small = _llm(
+        ckpt,
+        kv_cache_memory_bytes=128 * 1024,
+        block_size=16,
+        max_num_seqs=4,
+        max_model_len=96,
+        disable_log_stats=False,
+    )
     try:
         rng = np.random.default_rng(1)
         prompts = [rng.integers(3, 400, size=30).tolist() for _ in range(4)]
         steps = 40
-        outs = small.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                              [_params(steps=steps)] * 4, use_tqdm=False)
+        outs = small.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts],
+            [_params(steps=steps)] * 4,
+            use_tqdm=False,
+        )
         stats = small.llm_engine.get_metrics()
         for p, out in zip(prompts, outs):
             ref_ids, ref_aux = _expected(hf_model, p, [], steps)

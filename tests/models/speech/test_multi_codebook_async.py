@@ -63,7 +63,8 @@ class _Runner:
         self.model = _Model(**model_kw)
         self.requests: dict[str, SimpleNamespace] = {}
         self.input_batch = SimpleNamespace(
-            req_ids=[], num_reqs=0,
+            req_ids=[],
+            num_reqs=0,
             num_computed_tokens_cpu=np.zeros(8, np.int64),
             sampling_metadata=SimpleNamespace(generators={}, max_num_logprobs=None),
             update_async_output_token_ids=lambda: None,
@@ -78,8 +79,10 @@ class _Runner:
 def _request(req_id, prompt, codes=None):
     extra = {"prompt_aux_codes": codes} if codes else None
     return SimpleNamespace(
-        req_id=req_id, prompt_token_ids=list(prompt),
-        num_prompt_tokens=len(prompt), output_token_ids=[],
+        req_id=req_id,
+        prompt_token_ids=list(prompt),
+        num_prompt_tokens=len(prompt),
+        output_token_ids=[],
         num_computed_tokens=0,
         sampling_params=SimpleNamespace(max_tokens=20, extra_args=extra),
     )
@@ -133,7 +136,7 @@ def run(use_async: bool, num_aux=NUM_AUX, with_prompt=False):
             start, n = rs.num_computed_tokens, num_sched[req_id]
             batch.num_computed_tokens_cpu[i] = start
             seq = rs.prompt_token_ids + truth[req_id]
-            ids += seq[start:start + n]
+            ids += seq[start : start + n]
             last_rows.append(len(ids) - 1)
             runner.discard_request_mask.np[i] = start + n < rs.num_prompt_tokens
         runner.input_ids.gpu = torch.tensor(ids, dtype=torch.int32)
@@ -161,13 +164,16 @@ def run(use_async: bool, num_aux=NUM_AUX, with_prompt=False):
         runner.model.log.append(("codes", step_aux))
     state.flush()
     outs = {r: list(rs.output_token_ids) for r, rs in runner.requests.items()}
-    frames = {r: f[: runner.requests[r].num_prompt_tokens + len(truth[r])].tolist()
-              for r, f in state.frames.items()}
+    frames = {
+        r: f[: runner.requests[r].num_prompt_tokens + len(truth[r])].tolist()
+        for r, f in state.frames.items()
+    }
     return runner.model.log, outs, frames, truth
 
 
-@pytest.mark.parametrize("num_aux, with_prompt", [(NUM_AUX, False), (0, True)],
-                         ids=["fish", "ras-window"])
+@pytest.mark.parametrize(
+    "num_aux, with_prompt", [(NUM_AUX, False), (0, True)], ids=["fish", "ras-window"]
+)
 def test_async_matches_sync(num_aux, with_prompt):
     sync_log, sync_out, sync_frames, truth = run(False, num_aux, with_prompt)
     async_log, async_out, async_frames, _ = run(True, num_aux, with_prompt)

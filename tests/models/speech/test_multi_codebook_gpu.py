@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"
+)
 # The test process touches CUDA: engine cores must be spawned, not forked.
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
@@ -48,28 +49,45 @@ def _run(ckpt, prompts, steps, **kw):
     from vllm.inputs import TokensPrompt
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    args = dict(dtype="float32", max_model_len=256, gpu_memory_utilization=0.2,
-                max_num_seqs=8, max_num_batched_tokens=16,
-                enable_chunked_prefill=True,
-                model_class_overrides={"Qwen2ForCausalLM":
-                                       "codebook_toy:ToyCodebookLM"})
+    args = dict(
+        dtype="float32",
+        max_model_len=256,
+        gpu_memory_utilization=0.2,
+        max_num_seqs=8,
+        max_num_batched_tokens=16,
+        enable_chunked_prefill=True,
+        model_class_overrides={"Qwen2ForCausalLM": "codebook_toy:ToyCodebookLM"},
+    )
     args.update(kw)
     llm = LLM(str(ckpt), **args)
     try:
         cfg = llm.llm_engine.vllm_config
-        params = [SamplingParams(temperature=0.0, max_tokens=steps,
-                                 ignore_eos=True, detokenize=False,
-                                 extra_args={"prompt_aux_codes": rows}
-                                 if rows else None)
-                  for _, rows in prompts]
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in prompts],
-                            params, use_tqdm=False)
+        params = [
+            SamplingParams(
+                temperature=0.0,
+                max_tokens=steps,
+                ignore_eos=True,
+                detokenize=False,
+                extra_args={"prompt_aux_codes": rows} if rows else None,
+            )
+            for _, rows in prompts
+        ]
+        outs = llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p, _ in prompts],
+            params,
+            use_tqdm=False,
+        )
         preempted = 0
         if not kw.get("disable_log_stats", True):
-            preempted = sum(m.value for m in llm.llm_engine.get_metrics()
-                            if m.name == "vllm:num_preemptions")
-        res = [(list(o.outputs[0].token_ids), o.outputs[0].aux_token_ids.tolist())
-               for o in outs]
+            preempted = sum(
+                m.value
+                for m in llm.llm_engine.get_metrics()
+                if m.name == "vllm:num_preemptions"
+            )
+        res = [
+            (list(o.outputs[0].token_ids), o.outputs[0].aux_token_ids.tolist())
+            for o in outs
+        ]
         return res, cfg.scheduler_config.async_scheduling, preempted
     finally:
         del llm
@@ -80,8 +98,14 @@ def _prompts(n=6):
     out = []
     for i in range(n):
         ids = rng.integers(3, 400, size=int(rng.integers(3, 45))).tolist()
-        rows = ([[p, int(rng.integers(5)), int(rng.integers(5))]
-                 for p in range(1, len(ids), 2)] if i % 2 else [])
+        rows = (
+            [
+                [p, int(rng.integers(5)), int(rng.integers(5))]
+                for p in range(1, len(ids), 2)
+            ]
+            if i % 2
+            else []
+        )
         out.append((ids, rows))
     return out
 
@@ -98,8 +122,13 @@ def test_async_is_default_and_matches_sync(ckpt):
 def test_async_preemption_matches_sync(ckpt):
     rng = np.random.default_rng(1)
     prompts = [(rng.integers(3, 400, size=30).tolist(), []) for _ in range(4)]
-    kw = dict(kv_cache_memory_bytes=128 * 1024, block_size=16, max_num_seqs=4,
-              max_model_len=96, disable_log_stats=False)
+    kw = dict(
+        kv_cache_memory_bytes=128 * 1024,
+        block_size=16,
+        max_num_seqs=4,
+        max_model_len=96,
+        disable_log_stats=False,
+    )
     a, on, pre_a = _run(ckpt, prompts, 40, **kw)
     b, _, _ = _run(ckpt, prompts, 40, async_scheduling=False, **kw)
     assert on is True and pre_a > 0

@@ -34,11 +34,13 @@ DEFAULT_FRAMES = 24
 def media_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("media")
     t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
-    ref = (0.5 * np.sin(2 * np.pi * 440 * t) * np.linspace(0, 1, t.size)).astype(np.float32)
+    ref = (0.5 * np.sin(2 * np.pi * 440 * t) * np.linspace(0, 1, t.size)).astype(
+        np.float32
+    )
     soundfile.write(d / "ref.wav", ref, SAMPLE_RATE)
     # A 44.1 kHz stereo FLAC: any rate / channel count must be accepted.
     stereo = np.stack([ref, ref], axis=1)
-    soundfile.write(d / "ref44k.flac", np.repeat(stereo, 3, axis=0)[: 44100], 44100)
+    soundfile.write(d / "ref44k.flac", np.repeat(stereo, 3, axis=0)[:44100], 44100)
     return d
 
 
@@ -52,14 +54,26 @@ def server(tmp_path_factory, media_dir):
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), old]))
     try:
-        with serve(ckpt, [
-            "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "8",
-            "--kv-cache-memory-bytes", str(64 << 20), "--enforce-eager",
-            "--model-class-overrides",
-            json.dumps({"Qwen2ForCausalLM": "tone_tts:ToneTTSForCausalLM"}),
-            "--speech-voices-dir", str(voices),
-            "--allowed-local-media-path", str(media_dir),
-        ]) as base:
+        with serve(
+            ckpt,
+            [
+                "--dtype",
+                "float32",
+                "--max-model-len",
+                "512",
+                "--max-num-seqs",
+                "8",
+                "--kv-cache-memory-bytes",
+                str(64 << 20),
+                "--enforce-eager",
+                "--model-class-overrides",
+                json.dumps({"Qwen2ForCausalLM": "tone_tts:ToneTTSForCausalLM"}),
+                "--speech-voices-dir",
+                str(voices),
+                "--allowed-local-media-path",
+                str(media_dir),
+            ],
+        ) as base:
             yield {"base": base, "model": str(ckpt), "voices": voices}
     finally:
         if old is None:
@@ -77,9 +91,13 @@ def client(server):
 
 def post(server, path, body=None, *, data=None, headers=None, method="POST"):
     req = urllib.request.Request(
-        server["base"] + path, method=method,
-        data=data if data is not None else (json.dumps(body).encode() if body else None),
-        headers=headers or {"Content-Type": "application/json"})
+        server["base"] + path,
+        method=method,
+        data=data
+        if data is not None
+        else (json.dumps(body).encode() if body else None),
+        headers=headers or {"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, r.headers.get("content-type"), r.read()
@@ -102,7 +120,7 @@ def dominant_freqs(audio: np.ndarray) -> list[float]:
     out = []
     n = SAMPLES_PER_FRAME
     for t in range(len(audio) // n):
-        seg = audio[t * n + 80:(t + 1) * n]  # past the cross-fade
+        seg = audio[t * n + 80 : (t + 1) * n]  # past the cross-fade
         spec = np.abs(np.fft.rfft(seg, 4096))
         out.append(np.argmax(spec) * SAMPLE_RATE / 4096)
     return out
@@ -110,27 +128,42 @@ def dominant_freqs(audio: np.ndarray) -> list[float]:
 
 # ------------------------------------------------------------ the client
 def test_openai_client_wav(client, server):
-    res = client.audio.speech.create(model=server["model"], voice="default",
-                                     input="hello world", response_format="wav")
+    res = client.audio.speech.create(
+        model=server["model"],
+        voice="default",
+        input="hello world",
+        response_format="wav",
+    )
     audio, sr = wav(res.content)
     assert sr == SAMPLE_RATE
     assert len(audio) == DEFAULT_FRAMES * SAMPLES_PER_FRAME
     # Every frame is one of the model's tones: 200 + 25 k Hz.
     for f in dominant_freqs(audio):
         assert abs((f - 200) / 25 - round((f - 200) / 25)) < 0.2 and 200 <= f <= 1800, f
-    again = client.audio.speech.create(model=server["model"], voice="default",
-                                       input="hello world", response_format="wav")
+    again = client.audio.speech.create(
+        model=server["model"],
+        voice="default",
+        input="hello world",
+        response_format="wav",
+    )
     assert again.content == res.content  # greedy by default: deterministic
 
 
 def test_openai_client_streaming_equals_one_shot(client, server):
     one_shot = client.audio.speech.create(
-        model=server["model"], voice="default", input="stream me", response_format="pcm",
-        extra_body={"max_new_tokens": 50})
+        model=server["model"],
+        voice="default",
+        input="stream me",
+        response_format="pcm",
+        extra_body={"max_new_tokens": 50},
+    )
     with client.audio.speech.with_streaming_response.create(
-            model=server["model"], voice="default", input="stream me",
-            response_format="pcm",
-            extra_body={"stream_format": "audio", "max_new_tokens": 50}) as r:
+        model=server["model"],
+        voice="default",
+        input="stream me",
+        response_format="pcm",
+        extra_body={"stream_format": "audio", "max_new_tokens": 50},
+    ) as r:
         chunks = list(r.iter_bytes())
     streamed = b"".join(chunks)
     assert len(streamed) == 50 * SAMPLES_PER_FRAME * 2
@@ -140,17 +173,30 @@ def test_openai_client_streaming_equals_one_shot(client, server):
 
 
 def test_sse_stream(server):
-    status, ctype, body = speak(server, input="events", response_format="pcm",
-                                stream_format="sse", max_new_tokens=40)
+    status, ctype, body = speak(
+        server,
+        input="events",
+        response_format="pcm",
+        stream_format="sse",
+        max_new_tokens=40,
+    )
     assert status == 200 and ctype.startswith("text/event-stream")
-    events = [json.loads(line[6:]) for line in body.decode().splitlines()
-              if line.startswith("data: ")]
+    events = [
+        json.loads(line[6:])
+        for line in body.decode().splitlines()
+        if line.startswith("data: ")
+    ]
     deltas = [e for e in events if e["type"] == "speech.audio.delta"]
     assert len(deltas) >= 2 and events[-1]["type"] == "speech.audio.done"
     pcm = b"".join(base64.b64decode(e["audio"]) for e in deltas)
     _, _, ref = speak(server, input="events", response_format="pcm", max_new_tokens=40)
-    assert np.abs(np.frombuffer(pcm, "<i2").astype(int)
-                  - np.frombuffer(ref, "<i2").astype(int)).max() <= 1
+    assert (
+        np.abs(
+            np.frombuffer(pcm, "<i2").astype(int)
+            - np.frombuffer(ref, "<i2").astype(int)
+        ).max()
+        <= 1
+    )
     assert events[-1]["usage"]["output_tokens"] == 40
 
 
@@ -161,8 +207,9 @@ def test_wav_stream_has_header(server):
     assert len(body) == 44 + DEFAULT_FRAMES * SAMPLES_PER_FRAME * 2
 
 
-@pytest.mark.parametrize("fmt,sf_format", [("flac", "FLAC"), ("mp3", "MP3"),
-                                           ("opus", "OGG")])
+@pytest.mark.parametrize(
+    "fmt,sf_format", [("flac", "FLAC"), ("mp3", "MP3"), ("opus", "OGG")]
+)
 def test_formats(server, fmt, sf_format):
     status, ctype, body = speak(server, response_format=fmt)
     assert status == 200, body
@@ -204,35 +251,59 @@ def test_preset_voice(server):
 def test_ref_audio_base64_data_url_and_file(server, media_dir):
     raw = (media_dir / "ref.wav").read_bytes()
     _, _, plain = speak(server, response_format="pcm")
-    s1, _, a = speak(server, response_format="pcm", ref_text="a reference",
-                     ref_audio=base64.b64encode(raw).decode())
-    s2, _, b = speak(server, response_format="pcm", ref_text="a reference",
-                     ref_audio="data:audio/wav;base64," + base64.b64encode(raw).decode())
-    s3, _, c = speak(server, response_format="pcm", ref_text="a reference",
-                     ref_audio=f"file://{media_dir / 'ref.wav'}")
+    s1, _, a = speak(
+        server,
+        response_format="pcm",
+        ref_text="a reference",
+        ref_audio=base64.b64encode(raw).decode(),
+    )
+    s2, _, b = speak(
+        server,
+        response_format="pcm",
+        ref_text="a reference",
+        ref_audio="data:audio/wav;base64," + base64.b64encode(raw).decode(),
+    )
+    s3, _, c = speak(
+        server,
+        response_format="pcm",
+        ref_text="a reference",
+        ref_audio=f"file://{media_dir / 'ref.wav'}",
+    )
     assert (s1, s2, s3) == (200, 200, 200)
     assert a == b == c and a != plain
-    s4, _, _ = speak(server, ref_text="x", ref_audio=f"file://{media_dir / 'ref44k.flac'}")
+    s4, _, _ = speak(
+        server, ref_text="x", ref_audio=f"file://{media_dir / 'ref44k.flac'}"
+    )
     assert s4 == 200
 
 
 def test_named_voices(server, media_dir):
     raw = (media_dir / "ref.wav").read_bytes()
     boundary = "----vllmspeech"
+
     def form(fields, file_bytes):
         parts = []
         for k, v in fields.items():
-            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"'
-                         f"\r\n\r\n{v}\r\n".encode())
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="audio"; '
-                     f'filename="ref.wav"\r\nContent-Type: audio/wav\r\n\r\n'.encode()
-                     + file_bytes + b"\r\n")
+            parts.append(
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"'
+                f"\r\n\r\n{v}\r\n".encode()
+            )
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="audio"; '
+            f'filename="ref.wav"\r\nContent-Type: audio/wav\r\n\r\n'.encode()
+            + file_bytes
+            + b"\r\n"
+        )
         parts.append(f"--{boundary}--\r\n".encode())
         return b"".join(parts)
+
     hdr = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    status, _, body = post(server, "/v1/audio/voices",
-                           data=form({"name": "alice", "ref_text": "a reference"}, raw),
-                           headers=hdr)
+    status, _, body = post(
+        server,
+        "/v1/audio/voices",
+        data=form({"name": "alice", "ref_text": "a reference"}, raw),
+        headers=hdr,
+    )
     assert status == 200, body
     assert json.loads(body)["name"] == "alice"
     assert (server["voices"] / "alice" / "prompt.npz").exists()
@@ -240,15 +311,27 @@ def test_named_voices(server, media_dir):
     assert [v["name"] for v in json.loads(body)["data"]] == ["alice"]
     # The named voice conditions exactly like the same ref_audio would.
     _, _, named = speak(server, response_format="pcm", voice="alice")
-    _, _, direct = speak(server, response_format="pcm", ref_text="a reference",
-                         ref_audio=base64.b64encode(raw).decode())
+    _, _, direct = speak(
+        server,
+        response_format="pcm",
+        ref_text="a reference",
+        ref_audio=base64.b64encode(raw).decode(),
+    )
     assert named == direct
     # Bad names and duplicates are refused; delete works.
-    status, _, body = post(server, "/v1/audio/voices",
-                           data=form({"name": "../evil", "ref_text": "x"}, raw), headers=hdr)
+    status, _, body = post(
+        server,
+        "/v1/audio/voices",
+        data=form({"name": "../evil", "ref_text": "x"}, raw),
+        headers=hdr,
+    )
     assert status == 400 and b"voice names" in body
-    status, _, _ = post(server, "/v1/audio/voices",
-                        data=form({"name": "alice", "ref_text": "x"}, raw), headers=hdr)
+    status, _, _ = post(
+        server,
+        "/v1/audio/voices",
+        data=form({"name": "alice", "ref_text": "x"}, raw),
+        headers=hdr,
+    )
     assert status == 400
     status, _, _ = post(server, "/v1/audio/voices/alice", method="DELETE", headers={})
     assert status == 200
@@ -257,25 +340,28 @@ def test_named_voices(server, media_dir):
 
 
 # ------------------------------------------------------------ bad input
-@pytest.mark.parametrize("fields,code,needle", [
-    ({"input": ""}, 400, "input is empty"),
-    ({"input": "   "}, 400, "input is empty"),
-    ({"input": "x" * 201}, 400, "limit is 200"),
-    ({"voice": "nobody"}, 404, "nobody"),
-    ({"response_format": "aac"}, 400, "response_format"),
-    ({"speed": 0.1}, 400, "speed"),
-    ({"speed": 4.5}, 400, "speed"),
-    ({"response_format": "mp3", "stream_format": "audio"}, 400, "streaming"),
-    ({"ref_audio": "bm90IGF1ZGlv", "ref_text": "x"}, 400, "ref_audio"),
-    ({"ref_audio": "%%%", "ref_text": "x"}, 400, "base64"),
-    ({"ref_audio": "UklGRg=="}, 400, "ref_text"),
-    ({"ref_audio": "file:///etc/passwd", "ref_text": "x"}, 400, "outside"),
-    ({"ref_audio": "https://example.com/a.wav", "ref_text": "x"}, 400, "ref_audio"),
-    ({"max_new_tokens": 100000}, 400, "max_new_tokens"),
-    ({"top_p": 1.5}, 400, "top_p"),
-    ({"unknown_field": 1}, 400, "unknown_field"),
-    ({"instructions": "whisper"}, 400, "instructions"),
-])
+@pytest.mark.parametrize(
+    "fields,code,needle",
+    [
+        ({"input": ""}, 400, "input is empty"),
+        ({"input": "   "}, 400, "input is empty"),
+        ({"input": "x" * 201}, 400, "limit is 200"),
+        ({"voice": "nobody"}, 404, "nobody"),
+        ({"response_format": "aac"}, 400, "response_format"),
+        ({"speed": 0.1}, 400, "speed"),
+        ({"speed": 4.5}, 400, "speed"),
+        ({"response_format": "mp3", "stream_format": "audio"}, 400, "streaming"),
+        ({"ref_audio": "bm90IGF1ZGlv", "ref_text": "x"}, 400, "ref_audio"),
+        ({"ref_audio": "%%%", "ref_text": "x"}, 400, "base64"),
+        ({"ref_audio": "UklGRg=="}, 400, "ref_text"),
+        ({"ref_audio": "file:///etc/passwd", "ref_text": "x"}, 400, "outside"),
+        ({"ref_audio": "https://example.com/a.wav", "ref_text": "x"}, 400, "ref_audio"),
+        ({"max_new_tokens": 100000}, 400, "max_new_tokens"),
+        ({"top_p": 1.5}, 400, "top_p"),
+        ({"unknown_field": 1}, 400, "unknown_field"),
+        ({"instructions": "whisper"}, 400, "instructions"),
+    ],
+)
 def test_bad_input(server, fields, code, needle):
     status, _, body = speak(server, **fields)
     assert status == code, body
@@ -286,8 +372,9 @@ def test_too_long_reference(server, tmp_path):
     long = np.zeros(11 * SAMPLE_RATE, np.float32)
     buf = io.BytesIO()
     soundfile.write(buf, long, SAMPLE_RATE, format="WAV")
-    status, _, body = speak(server, ref_text="x",
-                            ref_audio=base64.b64encode(buf.getvalue()).decode())
+    status, _, body = speak(
+        server, ref_text="x", ref_audio=base64.b64encode(buf.getvalue()).decode()
+    )
     assert status == 400 and b"10" in body
 
 
@@ -297,8 +384,11 @@ def test_engine_survives_bad_requests_and_metrics(server):
     assert status == 200
     with urllib.request.urlopen(server["base"] + "/metrics") as r:
         text = r.read().decode()
-    line = next(ln for ln in text.splitlines()
-                if ln.startswith("vllm:speech_audio_seconds_total"))
+    line = next(
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("vllm:speech_audio_seconds_total")
+    )
     assert float(line.split()[-1]) > 0
     assert "vllm:speech_time_to_first_audio_seconds_bucket" in text
     assert "vllm:speech_real_time_factor_bucket" in text
@@ -315,6 +405,7 @@ def test_left_context_stream_equals_one_shot():
         sent = end
     np.testing.assert_allclose(np.concatenate(parts), full, atol=1e-6)
     # without the left context, the joins would differ
-    naive = np.concatenate([dec.decode([ids[a:b]])[0]
-                            for a, b in ((0, 5), (5, 6), (6, 20), (20, 37))])
+    naive = np.concatenate(
+        [dec.decode([ids[a:b]])[0] for a, b in ((0, 5), (5, 6), (6, 20), (20, 37))]
+    )
     assert np.abs(naive - full).max() > 1e-2

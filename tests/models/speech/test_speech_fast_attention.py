@@ -40,8 +40,9 @@ def test_kernel_equals_op_path(results):
         r = results[name]
         rtol, atol = _tol(r["got"])
         assert r["got"].dtype == r["want"].dtype, name
-        torch.testing.assert_close(r["got"], r["want"], rtol=rtol, atol=atol,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            r["got"], r["want"], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}"
+        )
         # the new position is written, the rest of the cache is untouched
         torch.testing.assert_close(r["k"], r["want_k"], rtol=rtol, atol=atol)
         assert torch.equal(r["v"], r["want_v"]), name
@@ -51,8 +52,7 @@ def test_kernel_equals_op_path(results):
 def test_fast_loop_with_kernel(results, version):
     r = results[f"loop-{version}"]
     torch.testing.assert_close(r["got"], r["want"], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(r["got_cache"], r["want_cache"], rtol=1e-4,
-                               atol=1e-4)
+    torch.testing.assert_close(r["got_cache"], r["want_cache"], rtol=1e-4, atol=1e-4)
     assert torch.equal(r["got_codes"], r["want_codes"])
 
 
@@ -66,13 +66,30 @@ def test_rejects_what_it_cannot_run():
         sfa.decode_attention(torch.zeros(2, 60), k, k, cache, cache.clone(), 1, cs, 1.0)
     with pytest.raises(ValueError, match="power of 2"):
         c12 = torch.zeros(2, 2, 8, 12)
-        sfa.decode_attention(torch.zeros(2, 48), torch.zeros(2, 24),
-                             torch.zeros(2, 24), c12, c12.clone(), 1, cs, 1.0)
+        sfa.decode_attention(
+            torch.zeros(2, 48),
+            torch.zeros(2, 24),
+            torch.zeros(2, 24),
+            c12,
+            c12.clone(),
+            1,
+            cs,
+            1.0,
+        )
     with pytest.raises(ValueError, match="both"):
-        sfa.decode_attention(q, k, k, cache, cache.clone(), 1, cs, 1.0,
-                             q_norm=torch.ones(16))
+        sfa.decode_attention(
+            q, k, k, cache, cache.clone(), 1, cs, 1.0, q_norm=torch.ones(16)
+        )
     empty = torch.zeros(0, 2, 8, 16)
-    out = sfa.decode_attention(torch.zeros(0, 64), torch.zeros(0, 32),
-                               torch.zeros(0, 32), empty, empty.clone(), 1, cs, 1.0)
+    out = sfa.decode_attention(
+        torch.zeros(0, 64),
+        torch.zeros(0, 32),
+        torch.zeros(0, 32),
+        empty,
+        empty.clone(),
+        1,
+        cs,
+        1.0,
+    )
     assert out.shape == (0, 64)
     assert not sfa.decode_attention_available(torch.device("cpu"))

@@ -31,9 +31,14 @@ def tts(tmp_path_factory):
     # The engine core runs in a child process: it must import tone_tts too.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), old]))
     synth = SpeechSynthesizer(
-        str(ckpt), dtype="float32", max_model_len=512, enforce_eager=True,
-        kv_cache_memory_bytes=64 << 20, max_num_seqs=8,
-        model_class_overrides={"Qwen2ForCausalLM": "tone_tts:ToneTTSForCausalLM"})
+        str(ckpt),
+        dtype="float32",
+        max_model_len=512,
+        enforce_eager=True,
+        kv_cache_memory_bytes=64 << 20,
+        max_num_seqs=8,
+        model_class_overrides={"Qwen2ForCausalLM": "tone_tts:ToneTTSForCausalLM"},
+    )
     yield synth
     if old is None:
         os.environ.pop("PYTHONPATH", None)
@@ -54,11 +59,17 @@ def test_synthesize_batch(tts):
 
 def test_voice_speed_and_options(tts):
     t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
-    ref = (0.5 * np.sin(2 * np.pi * 440 * t) * np.linspace(0, 1, t.size)).astype(np.float32)
+    ref = (0.5 * np.sin(2 * np.pi * 440 * t) * np.linspace(0, 1, t.size)).astype(
+        np.float32
+    )
     voice = tts.encode_voice(ref, "a reference", sample_rate=SAMPLE_RATE)
-    assert voice.codes is not None and len(voice.codes) == SAMPLE_RATE // SAMPLES_PER_FRAME
-    plain, cloned = tts.synthesize(["hello world"])[0], \
-        tts.synthesize(["hello world"], voice=voice)[0]
+    assert (
+        voice.codes is not None and len(voice.codes) == SAMPLE_RATE // SAMPLES_PER_FRAME
+    )
+    plain, cloned = (
+        tts.synthesize(["hello world"])[0],
+        tts.synthesize(["hello world"], voice=voice)[0],
+    )
     assert not np.array_equal(plain.frames, cloned.frames)
     fast = tts.synthesize("hello world", speed=2.0, max_new_tokens=10)[0]
     assert fast.frames.shape[0] == 10
@@ -139,4 +150,3 @@ def test_decode_worker_batches_concurrent_requests():
     time.sleep(0.6)
     assert bw._thread.is_alive()
     assert asyncio.run(bw.call(lambda: 7)) == 7
-

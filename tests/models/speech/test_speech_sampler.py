@@ -61,7 +61,11 @@ def test_rejects_what_it_cannot_sample():
         )
     with pytest.raises(ValueError, match="penalty"):
         speech_sampler.fused_sample(
-            torch.zeros(2, 8), no, ones, ones, torch.ones(2, 8),
+            torch.zeros(2, 8),
+            no,
+            ones,
+            ones,
+            torch.ones(2, 8),
             prev=torch.zeros(2, 1, dtype=torch.long),
         )
     assert not speech_sampler.fused_sample_available(torch.device("cpu"))

@@ -19,7 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from vllm.config.text_to_speech import TextToSpeechConfig, TextToSpeechParams, VoicePrompt
+from vllm.config.text_to_speech import (
+    TextToSpeechConfig,
+    TextToSpeechParams,
+    VoicePrompt,
+)
 from vllm.inputs import TokensPrompt
 from vllm.model_executor.models.interfaces import SupportsSpeechGeneration
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
@@ -69,8 +73,9 @@ class ToneDecoder:
 
         return LeftContextStream(self, voice)
 
-    def encode_reference(self, audio: np.ndarray, sample_rate: int,
-                         ref_text: str) -> VoicePrompt:
+    def encode_reference(
+        self, audio: np.ndarray, sample_rate: int, ref_text: str
+    ) -> VoicePrompt:
         assert sample_rate == SAMPLE_RATE
         n = len(audio) // SAMPLES_PER_FRAME
         frames = audio[: n * SAMPLES_PER_FRAME].reshape(n, SAMPLES_PER_FRAME)
@@ -112,8 +117,9 @@ class ToneTTSForCausalLM(Qwen2ForCausalLM, SupportsSpeechGeneration):
         return TokensPrompt(prompt_token_ids=ids)
 
     @classmethod
-    def get_speech_sampling_params(cls, params: TextToSpeechParams,
-                                   sampling_kwargs: dict[str, Any]) -> SamplingParams:
+    def get_speech_sampling_params(
+        cls, params: TextToSpeechParams, sampling_kwargs: dict[str, Any]
+    ) -> SamplingParams:
         return SamplingParams(**sampling_kwargs, ignore_eos=True, detokenize=False)
 
     @classmethod

@@ -44,8 +44,10 @@ def _error(e: ErrorResponse | Exception) -> JSONResponse:
 
 @router.post(
     "/v1/audio/speech",
-    responses={HTTPStatus.OK.value: {"content": {m: {} for m in MEDIA_TYPES.values()}},
-               **_ERRORS},
+    responses={
+        HTTPStatus.OK.value: {"content": {m: {} for m in MEDIA_TYPES.values()}},
+        **_ERRORS,
+    },
 )
 @with_cancellation
 @load_aware_call
@@ -79,8 +81,9 @@ async def create_voice(
 ):
     data = await audio.read(MAX_VOICE_UPLOAD_BYTES + 1)
     if len(data) > MAX_VOICE_UPLOAD_BYTES:
-        return _error(VLLMValidationError("reference audio file is too large",
-                                          parameter="audio"))
+        return _error(
+            VLLMValidationError("reference audio file is too large", parameter="audio")
+        )
     try:
         info = await speech(raw_request).add_voice(name, data, ref_text)
     except (VLLMValidationError, VLLMNotFoundError, ValueError) as e:
@@ -103,12 +106,20 @@ unsupported_router = APIRouter()
 
 
 @unsupported_router.post("/v1/audio/speech", include_in_schema=False)
-@unsupported_router.api_route("/v1/audio/voices", methods=["GET", "POST"],
-                              include_in_schema=False)
+@unsupported_router.api_route(
+    "/v1/audio/voices", methods=["GET", "POST"], include_in_schema=False
+)
 async def speech_unsupported(raw_request: Request):
-    model = raw_request.app.state.openai_serving_models.base_model_paths[0].name \
-        if getattr(raw_request.app.state, "openai_serving_models", None) else "model"
-    return _error(create_error_response(
-        f"The model `{model}` does not support speech generation "
-        "(/v1/audio/speech needs a text-to-speech model).",
-        err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST))
+    model = (
+        raw_request.app.state.openai_serving_models.base_model_paths[0].name
+        if getattr(raw_request.app.state, "openai_serving_models", None)
+        else "model"
+    )
+    return _error(
+        create_error_response(
+            f"The model `{model}` does not support speech generation "
+            "(/v1/audio/speech needs a text-to-speech model).",
+            err_type="BadRequestError",
+            status_code=HTTPStatus.BAD_REQUEST,
+        )
+    )

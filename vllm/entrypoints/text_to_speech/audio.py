@@ -17,9 +17,7 @@ from vllm.exceptions import VLLMValidationError
 _OPUS_RATES = (48000, 24000, 16000, 12000, 8000)
 
 
-def load_reference_audio(
-    data: bytes, target_sr: int, max_seconds: float
-) -> np.ndarray:
+def load_reference_audio(data: bytes, target_sr: int, max_seconds: float) -> np.ndarray:
     """Decode audio bytes (any format soundfile/PyAV reads) to float32 mono
     at ``target_sr``; raises ``VLLMValidationError`` for bad audio."""
     from vllm.multimodal.media.audio import load_audio
@@ -108,7 +106,11 @@ def change_tempo(audio: np.ndarray, speed: float, sample_rate: int) -> np.ndarra
     window = np.hanning(win).astype(np.float32)
     n_out = int(np.ceil(audio.size / speed)) + win
     padded = np.concatenate(
-        [np.zeros(tol, np.float32), audio, np.zeros(win + 2 * tol + hop_out, np.float32)]
+        [
+            np.zeros(tol, np.float32),
+            audio,
+            np.zeros(win + 2 * tol + hop_out, np.float32),
+        ]
     )
     out = np.zeros(n_out + win, np.float32)
     norm = np.zeros(n_out + win, np.float32)

@@ -5,10 +5,23 @@
 
 from prometheus_client import Counter, Histogram
 
-_TTFA_BUCKETS = (0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
-                 2.0, 5.0, 10.0, 30.0)
-_RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5,
-                2.0, 5.0, 10.0)
+_TTFA_BUCKETS = (
+    0.02,
+    0.05,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    30.0,
+)
+_RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0)
 
 time_to_first_audio = Histogram(
     "vllm:speech_time_to_first_audio_seconds",

@@ -49,8 +49,9 @@ class SpeechOutput:
 class SpeechSynthesizer:
     """Synthesize lists of texts to waveforms with a speech model."""
 
-    def __init__(self, model: str, *, decode_device: str | None = None,
-                 **llm_kwargs: Any):
+    def __init__(
+        self, model: str, *, decode_device: str | None = None, **llm_kwargs: Any
+    ):
         from vllm import LLM
         from vllm.model_executor.model_loader import get_model_cls
 
@@ -58,20 +59,32 @@ class SpeechSynthesizer:
         self.model_config = self.llm.llm_engine.model_config
         model_cls = get_model_cls(self.model_config)
         if not supports_speech_generation(model_cls):
-            raise ValueError(f"{model!r} ({model_cls.__name__}) is not a speech "
-                             "generation model")
+            raise ValueError(
+                f"{model!r} ({model_cls.__name__}) is not a speech generation model"
+            )
         self.model_cls = cast(type[SupportsSpeechGeneration], model_cls)
         self.config = self.model_cls.get_speech_config(self.model_config)
-        device = torch.device(decode_device) if decode_device else (
-            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        device = (
+            torch.device(decode_device)
+            if decode_device
+            else (
+                torch.device("cuda")
+                if torch.cuda.is_available()
+                else torch.device("cpu")
+            )
+        )
         self.decoder = self.model_cls.get_speech_decoder(self.model_config, device)
 
     @property
     def sample_rate(self) -> int:
         return self.config.sample_rate
 
-    def encode_voice(self, ref_audio: str | Path | np.ndarray, ref_text: str,
-                     sample_rate: int | None = None) -> VoicePrompt:
+    def encode_voice(
+        self,
+        ref_audio: str | Path | np.ndarray,
+        ref_text: str,
+        sample_rate: int | None = None,
+    ) -> VoicePrompt:
         """Encode reference audio (a file or a float waveform with its
         ``sample_rate``) and its transcript into a reusable voice."""
         if not self.config.supports_voice_cloning:
@@ -87,8 +100,9 @@ class SpeechSynthesizer:
             import soundfile
 
             buf = io.BytesIO()
-            soundfile.write(buf, ref_audio.astype(np.float32), sample_rate,
-                            format="WAV")
+            soundfile.write(
+                buf, ref_audio.astype(np.float32), sample_rate, format="WAV"
+            )
             data = buf.getvalue()
         else:
             data = Path(ref_audio).read_bytes()
@@ -117,8 +131,13 @@ class SpeechSynthesizer:
             texts = [texts]
         if not (SPEED_MIN <= speed <= SPEED_MAX):
             raise ValueError(f"speed must be in [{SPEED_MIN}, {SPEED_MAX}]")
-        unknown = set(sampling) - {"temperature", "top_p", "top_k",
-                                   "repetition_penalty", "seed"}
+        unknown = set(sampling) - {
+            "temperature",
+            "top_p",
+            "top_k",
+            "repetition_penalty",
+            "seed",
+        }
         if unknown:
             raise TypeError(f"unknown sampling options: {sorted(unknown)}")
         params_list, requests = [], []
@@ -130,37 +149,50 @@ class SpeechSynthesizer:
             if not text or not text.strip():
                 raise ValueError("texts must not be empty")
             if len(text) > self.config.max_input_chars:
-                raise ValueError(f"text of {len(text)} characters exceeds the "
-                                 f"limit of {self.config.max_input_chars}")
-            params = TextToSpeechParams(text=text.strip(),
-                                        model_config=self.model_config,
-                                        voice=voice, speaker=speaker,
-                                        extra=dict(extra_args or {}),
-                                        voices=list(voices) if voices else None)
+                raise ValueError(
+                    f"text of {len(text)} characters exceeds the "
+                    f"limit of {self.config.max_input_chars}"
+                )
+            params = TextToSpeechParams(
+                text=text.strip(),
+                model_config=self.model_config,
+                voice=voice,
+                speaker=speaker,
+                extra=dict(extra_args or {}),
+                voices=list(voices) if voices else None,
+            )
             kwargs = dict(self.config.default_sampling)
             kwargs.update({k: v for k, v in sampling.items() if v is not None})
             kwargs["max_tokens"] = max_new_tokens or self.config.default_max_new_tokens
             segs = split_speech_request(self.model_cls, params)
             if get_prelude is not None:
-                preludes += [(index, prompt, sp) for prompt, sp
-                             in get_prelude(params, dict(kwargs))]
+                preludes += [
+                    (index, prompt, sp)
+                    for prompt, sp in get_prelude(params, dict(kwargs))
+                ]
             for seg in segs:
                 params_list.append(
-                    self.model_cls.get_speech_sampling_params(seg, dict(kwargs)))
+                    self.model_cls.get_speech_sampling_params(seg, dict(kwargs))
+                )
                 requests.append(seg)
                 owners.append(index)
         if getattr(self.model_cls, "speech_segments_in_context", False):
-            outputs = self._generate_in_context(requests, owners, params_list,
-                                                use_tqdm, preludes)
+            outputs = self._generate_in_context(
+                requests, owners, params_list, use_tqdm, preludes
+            )
         else:
             if preludes:
                 raise RuntimeError(
-                    "get_speech_prelude needs speech_segments_in_context")
-            prompts = [self.model_cls.get_speech_generation_prompt(seg)
-                       for seg in requests]
+                    "get_speech_prelude needs speech_segments_in_context"
+                )
+            prompts = [
+                self.model_cls.get_speech_generation_prompt(seg) for seg in requests
+            ]
             outputs = self.llm.generate(prompts, params_list, use_tqdm=use_tqdm)
-        frames = [self.model_cls.get_speech_frames(o.outputs[0], self.model_config)
-                  for o in outputs]
+        frames = [
+            self.model_cls.get_speech_frames(o.outputs[0], self.model_config)
+            for o in outputs
+        ]
         with torch.inference_mode():
             nonempty = [f for f in frames if len(f)]
             # The prompt hook may resolve the voice (e.g. a preset speaker
@@ -170,22 +202,34 @@ class SpeechSynthesizer:
         # per segment, tempo changed per segment (as the original's speed)
         audios = []
         for f in frames:
-            audio = np.asarray(next(decoded), np.float32) if len(f) \
+            audio = (
+                np.asarray(next(decoded), np.float32)
+                if len(f)
                 else np.zeros(0, np.float32)
+            )
             audios.append(change_tempo(audio, speed, self.sample_rate))
         results = []
         for index, text in enumerate(texts):
             mine = [i for i, o in enumerate(owners) if o == index]
-            results.append(SpeechOutput(
-                text, np.concatenate([audios[i] for i in mine]), self.sample_rate,
-                np.concatenate([frames[i] for i in mine]),
-                [requests[i].text for i in mine]))
+            results.append(
+                SpeechOutput(
+                    text,
+                    np.concatenate([audios[i] for i in mine]),
+                    self.sample_rate,
+                    np.concatenate([frames[i] for i in mine]),
+                    [requests[i].text for i in mine],
+                )
+            )
         return results
 
-    def _generate_in_context(self, requests: list[TextToSpeechParams],
-                             owners: list[int], params_list: list[Any],
-                             use_tqdm: bool,
-                             preludes: list[tuple[int, Any, Any]] = ()) -> list[Any]:
+    def _generate_in_context(
+        self,
+        requests: list[TextToSpeechParams],
+        owners: list[int],
+        params_list: list[Any],
+        use_tqdm: bool,
+        preludes: list[tuple[int, Any, Any]] = (),
+    ) -> list[Any]:
         """Segments spoken in context (``speech_segments_in_context``): the
         n-th segments of all texts are generated together, each prompt
         holding its text's earlier segments and their generated tokens.
@@ -193,9 +237,11 @@ class SpeechSynthesizer:
         together; their tokens go to the texts' segments
         (``TextToSpeechParams.prelude``)."""
         if preludes:
-            outs = self.llm.generate([pr for _, pr, _ in preludes],
-                                     [sp for _, _, sp in preludes],
-                                     use_tqdm=use_tqdm)
+            outs = self.llm.generate(
+                [pr for _, pr, _ in preludes],
+                [sp for _, _, sp in preludes],
+                use_tqdm=use_tqdm,
+            )
             ids: dict[int, list[list[int]]] = {}
             for (owner, _, _), out in zip(preludes, outs):
                 ids.setdefault(owner, []).append(list(out.outputs[0].token_ids))
@@ -212,11 +258,14 @@ class SpeechSynthesizer:
             for i in batch:
                 requests[i].context = [
                     (requests[j].text, list(outputs[j].outputs[0].token_ids))
-                    for j in done.get(owners[i], [])]
-            prompts = [self.model_cls.get_speech_generation_prompt(requests[i])
-                       for i in batch]
-            outs = self.llm.generate(prompts, [params_list[i] for i in batch],
-                                     use_tqdm=use_tqdm)
+                    for j in done.get(owners[i], [])
+                ]
+            prompts = [
+                self.model_cls.get_speech_generation_prompt(requests[i]) for i in batch
+            ]
+            outs = self.llm.generate(
+                prompts, [params_list[i] for i in batch], use_tqdm=use_tqdm
+            )
             for i, out in zip(batch, outs):
                 outputs[i] = out
                 done.setdefault(owners[i], []).append(i)

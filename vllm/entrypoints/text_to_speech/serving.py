@@ -81,8 +81,9 @@ class _StreamCall:
     """One ``DecodeWorker.stream`` call: a session, the frames it brought
     (None: finish), and the queue its audio chunks go back through."""
 
-    def __init__(self, session: Any, frames: np.ndarray | None,
-                 loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self, session: Any, frames: np.ndarray | None, loop: asyncio.AbstractEventLoop
+    ):
         self.session = session
         self.frames = frames
         self.loop = loop
@@ -125,18 +126,21 @@ class DecodeWorker:
         torch.set_float32_matmul_precision(envs.VLLM_FLOAT32_MATMUL_PRECISION)
         self._jobs: queue.Queue = queue.Queue()
         self._thread = threading.Thread(
-            target=self._loop, name="speech-decode", daemon=True)
+            target=self._loop, name="speech-decode", daemon=True
+        )
         self._thread.start()
 
-    async def decode(self, frames: np.ndarray,
-                     voice: VoicePrompt | None = None) -> np.ndarray:
+    async def decode(
+        self, frames: np.ndarray, voice: VoicePrompt | None = None
+    ) -> np.ndarray:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._jobs.put(("decode", (frames, voice), fut, loop))
         return await fut
 
-    async def stream(self, session: Any,
-                     frames: np.ndarray | None) -> AsyncGenerator[np.ndarray, None]:
+    async def stream(
+        self, session: Any, frames: np.ndarray | None
+    ) -> AsyncGenerator[np.ndarray, None]:
         """The audio chunks of ``session.decode(frames)`` (of
         ``session.finish()`` when ``frames`` is None), each as soon as it
         is decoded. One call per session at a time."""
@@ -227,8 +231,9 @@ class DecodeWorker:
     def _run_batch(self, batch) -> None:
         try:
             with torch.inference_mode():
-                outs = self.decoder.decode([j[1][0] for j in batch],
-                                           [j[1][1] for j in batch])
+                outs = self.decoder.decode(
+                    [j[1][0] for j in batch], [j[1][1] for j in batch]
+                )
             for (_, _, fut, loop), audio in zip(batch, outs):
                 self._resolve(fut, loop, value=np.asarray(audio, dtype=np.float32))
         except Exception as e:  # noqa: BLE001
@@ -240,15 +245,16 @@ class DecodeWorker:
         """One round over (at most ``max_batch`` of) the sessions; returns
         the calls still to serve, those left out of this round first."""
         streams = [c for c in streams if not c.cancelled]
-        batch, rest = streams[:self.max_batch], streams[self.max_batch:]
+        batch, rest = streams[: self.max_batch], streams[self.max_batch :]
         batched = getattr(self.decoder, "decode_streams", None)
         if batched is None:  # a whole call per session
             outs = [self._stream_one(c.session, c.take()) for c in batch]
         else:
             try:
                 with torch.inference_mode():
-                    outs = batched([c.session for c in batch],
-                                   [c.take() for c in batch])
+                    outs = batched(
+                        [c.session for c in batch], [c.take() for c in batch]
+                    )
             except Exception as e:  # noqa: BLE001
                 logger.exception("speech decoder failed")
                 outs = [e] * len(batch)
@@ -281,26 +287,38 @@ class LeftContextStream:
     receptive field: each chunk is decoded together with the decoder's
     ``stream_left_context`` previous frames, whose audio is dropped."""
 
-    def __init__(self, decoder: Any, voice: VoicePrompt | None = None,
-                 left_context: int | None = None):
+    def __init__(
+        self,
+        decoder: Any,
+        voice: VoicePrompt | None = None,
+        left_context: int | None = None,
+    ):
         self.decoder = decoder
         self.voice = voice
-        self.context = decoder.stream_left_context if left_context is None \
-            else left_context
+        self.context = (
+            decoder.stream_left_context if left_context is None else left_context
+        )
         self.history: np.ndarray | None = None
 
     def decode(self, frames: np.ndarray) -> np.ndarray:
-        ctx = self.history[-self.context:] if (
-            self.history is not None and self.context > 0) else frames[:0]
+        ctx = (
+            self.history[-self.context :]
+            if (self.history is not None and self.context > 0)
+            else frames[:0]
+        )
         audio = self.decoder.decode([np.concatenate([ctx, frames])], [self.voice])[0]
-        self.history = frames if self.history is None else \
-            np.concatenate([self.history, frames])[-max(self.context, 1):]
-        return audio[len(ctx) * self.decoder.samples_per_frame:]
+        self.history = (
+            frames
+            if self.history is None
+            else np.concatenate([self.history, frames])[-max(self.context, 1) :]
+        )
+        return audio[len(ctx) * self.decoder.samples_per_frame :]
 
 
 @dataclass
 class _Segment:
     """One engine request of a speech request (``split_speech_text``)."""
+
     request_id: str
     params: TextToSpeechParams
     engine_input: Any
@@ -341,23 +359,38 @@ class OpenAIServingSpeech(GenerateBaseServing):
         voices_dir: str | None = None,
         decode_device: str | None = None,
     ):
-        super().__init__(engine_client=engine_client, models=models,
-                         request_logger=request_logger)
+        super().__init__(
+            engine_client=engine_client, models=models, request_logger=request_logger
+        )
         self.tts_config: TextToSpeechConfig = self.model_cls.get_speech_config(
-            self.model_config)
-        device = torch.device(decode_device) if decode_device else (
-            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+            self.model_config
+        )
+        device = (
+            torch.device(decode_device)
+            if decode_device
+            else (
+                torch.device("cuda")
+                if torch.cuda.is_available()
+                else torch.device("cpu")
+            )
+        )
         self.decoder = self.model_cls.get_speech_decoder(self.model_config, device)
         self.worker = DecodeWorker(self.decoder)
-        self.ref_sample_rate = (self.tts_config.ref_audio_sample_rate
-                                or self.tts_config.sample_rate)
+        self.ref_sample_rate = (
+            self.tts_config.ref_audio_sample_rate or self.tts_config.sample_rate
+        )
         self.allowed_media_dir = self.model_config.allowed_local_media_path or None
         self.voices: VoiceStore | None = None
         if voices_dir:
             self.voices = VoiceStore(
-                voices_dir, self.ref_sample_rate, self._encode_sync)
-        logger.info("Speech generation ready: %d Hz, decoder on %s, voices in %s",
-                    self.tts_config.sample_rate, device, voices_dir or "(none)")
+                voices_dir, self.ref_sample_rate, self._encode_sync
+            )
+        logger.info(
+            "Speech generation ready: %d Hz, decoder on %s, voices in %s",
+            self.tts_config.sample_rate,
+            device,
+            voices_dir or "(none)",
+        )
 
     @cached_property
     def model_cls(self) -> type[SupportsSpeechGeneration]:
@@ -369,16 +402,19 @@ class OpenAIServingSpeech(GenerateBaseServing):
         # Called from the voice store (an executor thread): run on the
         # decoder's thread like every decoder call.
         return self.worker.call_sync(
-            lambda: self.decoder.encode_reference(audio, sr, ref_text))
+            lambda: self.decoder.encode_reference(audio, sr, ref_text)
+        )
 
     # ------------------------------------------------------------ voices
     async def add_voice(self, name: str, audio_bytes: bytes, ref_text: str) -> dict:
         store = self._require_voices()
         if not self.tts_config.supports_voice_cloning:
-            raise VLLMValidationError("this model does not support voice cloning",
-                                      parameter="audio")
-        audio = load_reference_audio(audio_bytes, self.ref_sample_rate,
-                                     self.tts_config.max_ref_audio_s)
+            raise VLLMValidationError(
+                "this model does not support voice cloning", parameter="audio"
+            )
+        audio = load_reference_audio(
+            audio_bytes, self.ref_sample_rate, self.tts_config.max_ref_audio_s
+        )
         return await asyncio.to_thread(store.add, name, audio, ref_text)
 
     def list_voices(self) -> list[dict]:
@@ -391,13 +427,15 @@ class OpenAIServingSpeech(GenerateBaseServing):
     def _require_voices(self) -> VoiceStore:
         if self.voices is None:
             raise VLLMValidationError(
-                "named voices need the server to be started with "
-                "--speech-voices-dir", parameter="voice")
+                "named voices need the server to be started with --speech-voices-dir",
+                parameter="voice",
+            )
         return self.voices
 
     # ------------------------------------------------------------ speech
-    async def _prepare(self, request: SpeechRequest,
-                       raw_request: Request | None) -> _Prepared:
+    async def _prepare(
+        self, request: SpeechRequest, raw_request: Request | None
+    ) -> _Prepared:
         cfg = self.tts_config
         text = request.input.strip() if request.input else ""
         if not text:
@@ -405,45 +443,61 @@ class OpenAIServingSpeech(GenerateBaseServing):
         if len(request.input) > cfg.max_input_chars:
             raise VLLMValidationError(
                 f"input is {len(request.input)} characters; the limit is "
-                f"{cfg.max_input_chars}", parameter="input")
+                f"{cfg.max_input_chars}",
+                parameter="input",
+            )
         fmt = request.response_format.lower()
         if fmt not in MEDIA_TYPES:
             raise VLLMValidationError(
                 f"unsupported response_format {request.response_format!r}; "
-                f"use one of {', '.join(MEDIA_TYPES)}", parameter="response_format")
+                f"use one of {', '.join(MEDIA_TYPES)}",
+                parameter="response_format",
+            )
         if request.stream_format is not None and fmt not in ("wav", "pcm"):
             raise VLLMValidationError(
                 "streaming supports response_format wav or pcm",
-                parameter="response_format")
+                parameter="response_format",
+            )
         if not (SPEED_MIN <= request.speed <= SPEED_MAX):
             raise VLLMValidationError(
-                f"speed must be in [{SPEED_MIN}, {SPEED_MAX}]", parameter="speed")
+                f"speed must be in [{SPEED_MIN}, {SPEED_MAX}]", parameter="speed"
+            )
         if request.instructions:
             raise VLLMValidationError(
-                "this model does not take instructions", parameter="instructions")
-        if request.max_new_tokens is not None and \
-                request.max_new_tokens > self.model_config.max_model_len:
+                "this model does not take instructions", parameter="instructions"
+            )
+        if (
+            request.max_new_tokens is not None
+            and request.max_new_tokens > self.model_config.max_model_len
+        ):
             raise VLLMValidationError(
                 f"max_new_tokens exceeds the model's max_model_len "
-                f"({self.model_config.max_model_len})", parameter="max_new_tokens")
+                f"({self.model_config.max_model_len})",
+                parameter="max_new_tokens",
+            )
 
         voice: VoicePrompt | None = None
         speaker: str | None = None
         if request.ref_audio is not None:
             if not cfg.supports_voice_cloning:
                 raise VLLMValidationError(
-                    "this model does not support voice cloning", parameter="ref_audio")
+                    "this model does not support voice cloning", parameter="ref_audio"
+                )
             if not request.ref_text or not request.ref_text.strip():
                 raise VLLMValidationError(
                     "ref_text (the transcript of ref_audio) is required",
-                    parameter="ref_text")
+                    parameter="ref_text",
+                )
             data = read_reference_source(request.ref_audio, self.allowed_media_dir)
             audio = await asyncio.to_thread(
-                load_reference_audio, data, self.ref_sample_rate, cfg.max_ref_audio_s)
+                load_reference_audio, data, self.ref_sample_rate, cfg.max_ref_audio_s
+            )
             ref_text = request.ref_text.strip()
             voice = await self.worker.call(
                 lambda: self.decoder.encode_reference(
-                    audio, self.ref_sample_rate, ref_text))
+                    audio, self.ref_sample_rate, ref_text
+                )
+            )
         elif request.voice in (None, "", "default"):
             pass  # the model's default voice
         elif self.voices is not None and self.voices.exists(request.voice):
@@ -451,7 +505,8 @@ class OpenAIServingSpeech(GenerateBaseServing):
         elif request.voice not in self.model_voices():
             raise VLLMNotFoundError(
                 f"voice {request.voice!r} does not exist; registered voices: "
-                f"{self.voices.names() if self.voices else []}")
+                f"{self.voices.names() if self.voices else []}"
+            )
         else:
             speaker = request.voice
 
@@ -460,19 +515,26 @@ class OpenAIServingSpeech(GenerateBaseServing):
             if not getattr(self.model_cls, "supports_multi_speaker", False):
                 raise VLLMValidationError(
                     "this model takes one voice (`voice`); `voices` is for "
-                    "multi-speaker models", parameter="voices")
+                    "multi-speaker models",
+                    parameter="voices",
+                )
             voices = [await self._speaker_voice(n) for n in request.voices]
-        params = TextToSpeechParams(text=text, model_config=self.model_config,
-                                    voice=voice, speaker=speaker,
-                                    extra=dict(request.extra_args or {}),
-                                    voices=voices)
+        params = TextToSpeechParams(
+            text=text,
+            model_config=self.model_config,
+            voice=voice,
+            speaker=speaker,
+            extra=dict(request.extra_args or {}),
+            voices=voices,
+        )
         sampling_kwargs: dict[str, Any] = dict(cfg.default_sampling)
         for key in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
             value = getattr(request, key)
             if value is not None:
                 sampling_kwargs[key] = value
-        sampling_kwargs["max_tokens"] = (request.max_new_tokens
-                                         or cfg.default_max_new_tokens)
+        sampling_kwargs["max_tokens"] = (
+            request.max_new_tokens or cfg.default_max_new_tokens
+        )
         # A model may speak a long text as several segments (e.g. sentence
         # splitting), each its own engine request with the same voice and
         # options; max_new_tokens and the model's length rules are per
@@ -482,31 +544,45 @@ class OpenAIServingSpeech(GenerateBaseServing):
         # hold the tokens generated before them; see _segment_input).
         in_context = bool(getattr(self.model_cls, "speech_segments_in_context", False))
         get_prelude = getattr(self.model_cls, "get_speech_prelude", None)
-        prelude = (list(get_prelude(params, dict(sampling_kwargs)))
-                   if get_prelude else [])
+        prelude = (
+            list(get_prelude(params, dict(sampling_kwargs))) if get_prelude else []
+        )
         if prelude and not in_context:
             raise RuntimeError("get_speech_prelude needs speech_segments_in_context")
         prompts, sampling = [], []
         for i, sp in enumerate(seg_params):
             if (i == 0 and not prelude) or not in_context:
                 prompts.append(self.model_cls.get_speech_generation_prompt(sp))
-            sampling.append(self.model_cls.get_speech_sampling_params(
-                sp, dict(sampling_kwargs)))
-        engine_inputs = await self.renderer.render_cmpl_async(
-            [parse_model_prompt(self.model_config, pr) for pr in prompts]
-        ) if prompts else []
+            sampling.append(
+                self.model_cls.get_speech_sampling_params(sp, dict(sampling_kwargs))
+            )
+        engine_inputs = (
+            await self.renderer.render_cmpl_async(
+                [parse_model_prompt(self.model_config, pr) for pr in prompts]
+            )
+            if prompts
+            else []
+        )
         engine_inputs += [None] * (len(seg_params) - len(engine_inputs))
         base_id = self._base_request_id(raw_request, random_uuid())
         request_id = f"{self.request_id_prefix}-{base_id}"
         segments = [
-            _Segment(request_id if len(seg_params) == 1 else f"{request_id}-{i}",
-                     sp, ei, spp)
-            for i, (sp, ei, spp) in enumerate(zip(seg_params, engine_inputs, sampling))]
-        pre_inputs = await self.renderer.render_cmpl_async(
-            [parse_model_prompt(self.model_config, pr) for pr, _ in prelude]
-        ) if prelude else []
-        pre = [_Segment(f"{request_id}-pre{i}", params, ei, spp)
-               for i, (ei, (_, spp)) in enumerate(zip(pre_inputs, prelude))]
+            _Segment(
+                request_id if len(seg_params) == 1 else f"{request_id}-{i}", sp, ei, spp
+            )
+            for i, (sp, ei, spp) in enumerate(zip(seg_params, engine_inputs, sampling))
+        ]
+        pre_inputs = (
+            await self.renderer.render_cmpl_async(
+                [parse_model_prompt(self.model_config, pr) for pr, _ in prelude]
+            )
+            if prelude
+            else []
+        )
+        pre = [
+            _Segment(f"{request_id}-pre{i}", params, ei, spp)
+            for i, (ei, (_, spp)) in enumerate(zip(pre_inputs, prelude))
+        ]
         if len(segments) > 1:
             logger.debug("speech request %s: %d segments", request_id, len(segments))
         return _Prepared(request_id, segments, request.speed, fmt, in_context, pre)
@@ -525,7 +601,8 @@ class OpenAIServingSpeech(GenerateBaseServing):
         raise VLLMNotFoundError(
             f"voice {name!r} does not exist; registered voices: "
             f"{self.voices.names() if self.voices else []}, presets: "
-            f"{self.model_voices()}")
+            f"{self.model_voices()}"
+        )
 
     async def _segment_input(self, p: _Prepared, index: int) -> _Segment:
         """Segment ``index`` with its engine input, for segments spoken in
@@ -535,10 +612,12 @@ class OpenAIServingSpeech(GenerateBaseServing):
         if seg.engine_input is None:
             seg.params.context = [
                 (s.params.text, list(s.output_token_ids or []))
-                for s in p.segments[:index]]
+                for s in p.segments[:index]
+            ]
             prompt = self.model_cls.get_speech_generation_prompt(seg.params)
             (seg.engine_input,) = await self.renderer.render_cmpl_async(
-                [parse_model_prompt(self.model_config, prompt)])
+                [parse_model_prompt(self.model_config, prompt)]
+            )
         return seg
 
     async def _run_prelude(self, p: _Prepared) -> None:
@@ -558,8 +637,9 @@ class OpenAIServingSpeech(GenerateBaseServing):
             seg.params.prelude = ids
 
     async def _generate(self, seg: _Segment) -> AsyncGenerator[RequestOutput, None]:
-        gen = self.engine_client.generate(seg.engine_input, seg.sampling_params,
-                                          seg.request_id)
+        gen = self.engine_client.generate(
+            seg.engine_input, seg.sampling_params, seg.request_id
+        )
         try:
             async for out in gen:
                 seg.output_token_ids = out.outputs[0].token_ids
@@ -578,8 +658,9 @@ class OpenAIServingSpeech(GenerateBaseServing):
         assert final is not None
         return final
 
-    async def _decode_output(self, seg: _Segment, final: RequestOutput,
-                             speed: float) -> np.ndarray:
+    async def _decode_output(
+        self, seg: _Segment, final: RequestOutput, speed: float
+    ) -> np.ndarray:
         frames = self._frames(final)
         if len(frames) == 0:
             audio = np.zeros(0, np.float32)
@@ -599,11 +680,14 @@ class OpenAIServingSpeech(GenerateBaseServing):
                 for i in range(len(p.segments)):
                     seg = await self._segment_input(p, i)
                     final = await self._final_output(seg)
-                    tasks.append(asyncio.ensure_future(
-                        self._decode_output(seg, final, p.speed)))
+                    tasks.append(
+                        asyncio.ensure_future(self._decode_output(seg, final, p.speed))
+                    )
             else:
-                tasks = [asyncio.ensure_future(self._speak_segment(seg, p.speed))
-                         for seg in p.segments]
+                tasks = [
+                    asyncio.ensure_future(self._speak_segment(seg, p.speed))
+                    for seg in p.segments
+                ]
             audios = await asyncio.gather(*tasks)
         finally:
             # on an error or a cancellation, stop (and abort) the others
@@ -631,21 +715,26 @@ class OpenAIServingSpeech(GenerateBaseServing):
             t0 = time.monotonic()
             audio = await self._speak(prepared)
             elapsed = time.monotonic() - t0
-            metrics.observe_request(elapsed, elapsed,
-                                    audio.size / self.tts_config.sample_rate)
+            metrics.observe_request(
+                elapsed, elapsed, audio.size / self.tts_config.sample_rate
+            )
             body = await asyncio.to_thread(
-                encode_audio, audio, self.tts_config.sample_rate, prepared.fmt)
+                encode_audio, audio, self.tts_config.sample_rate, prepared.fmt
+            )
         except (VLLMValidationError, ValueError) as e:
             return self.create_error_response(e)
         except Exception as e:  # noqa: BLE001
             logger.exception("speech request %s failed", prepared.request_id)
             return self.create_error_response(
-                f"speech generation failed: {e}", err_type="InternalServerError",
-                status_code=HTTPStatus.INTERNAL_SERVER_ERROR)
+                f"speech generation failed: {e}",
+                err_type="InternalServerError",
+                status_code=HTTPStatus.INTERNAL_SERVER_ERROR,
+            )
         return body, MEDIA_TYPES[prepared.fmt]
 
-    async def _stream(self, p: _Prepared,
-                      stream_format: str) -> AsyncGenerator[bytes, None]:
+    async def _stream(
+        self, p: _Prepared, stream_format: str
+    ) -> AsyncGenerator[bytes, None]:
         """The segments one after another, each through its own decoder
         session (as the original streams sentence after sentence)."""
         sr = self.tts_config.sample_rate
@@ -656,8 +745,10 @@ class OpenAIServingSpeech(GenerateBaseServing):
 
         def emit(audio: np.ndarray) -> bytes:
             if stream_format == "sse":
-                event = {"type": "speech.audio.delta",
-                         "audio": base64.b64encode(pcm16(audio)).decode()}
+                event = {
+                    "type": "speech.audio.delta",
+                    "audio": base64.b64encode(pcm16(audio)).decode(),
+                }
                 return f"data: {json.dumps(event)}\n\n".encode()
             return pcm16(audio)
 
@@ -674,17 +765,24 @@ class OpenAIServingSpeech(GenerateBaseServing):
                     total_samples += audio.size
                     yield emit(audio)
             elapsed = time.monotonic() - t0
-            metrics.observe_request(first_audio_s or elapsed, elapsed,
-                                    total_samples / sr)
+            metrics.observe_request(
+                first_audio_s or elapsed, elapsed, total_samples / sr
+            )
             if stream_format == "sse":
                 input_tokens = sum(
                     len(seg.engine_input.get("prompt_token_ids", []))
-                    if isinstance(seg.engine_input, dict) else 0
-                    for seg in p.prelude + p.segments)
-                done = {"type": "speech.audio.done",
-                        "usage": {"input_tokens": input_tokens,
-                                  "output_tokens": sent["frames"],
-                                  "audio_seconds": round(total_samples / sr, 3)}}
+                    if isinstance(seg.engine_input, dict)
+                    else 0
+                    for seg in p.prelude + p.segments
+                )
+                done = {
+                    "type": "speech.audio.done",
+                    "usage": {
+                        "input_tokens": input_tokens,
+                        "output_tokens": sent["frames"],
+                        "audio_seconds": round(total_samples / sr, 3),
+                    },
+                }
                 yield f"data: {json.dumps(done)}\n\n".encode()
         except Exception as e:  # noqa: BLE001
             logger.exception("speech stream %s failed", p.request_id)
@@ -693,18 +791,22 @@ class OpenAIServingSpeech(GenerateBaseServing):
                 yield f"data: {json.dumps(err)}\n\n".encode()
             raise
 
-    async def _stream_segment(self, seg: _Segment, speed: float,
-                              sent: dict[str, int]) -> AsyncGenerator[np.ndarray, None]:
+    async def _stream_segment(
+        self, seg: _Segment, speed: float, sent: dict[str, int]
+    ) -> AsyncGenerator[np.ndarray, None]:
         """Audio chunks of one segment; adds its frames to ``sent``."""
         sr = self.tts_config.sample_rate
         sent_frames = 0
         session = await self.worker.call(
-            lambda: self.decoder.open_stream(seg.params.voice))
+            lambda: self.decoder.open_stream(seg.params.voice)
+        )
         # A decoder with its own chunking (e.g. CosyVoice2's token hop and
         # look-ahead) may ask for frames as soon as they come.
         first_chunk, next_chunk = getattr(
-            self.decoder, "stream_chunk_frames",
-            (STREAM_FIRST_CHUNK_FRAMES, STREAM_CHUNK_FRAMES))
+            self.decoder,
+            "stream_chunk_frames",
+            (STREAM_FIRST_CHUNK_FRAMES, STREAM_CHUNK_FRAMES),
+        )
 
         async def chunks(new: np.ndarray | None) -> AsyncGenerator[np.ndarray, None]:
             async with aclosing(self.worker.stream(session, new)) as decoded:

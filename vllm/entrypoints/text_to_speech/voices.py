@@ -97,10 +97,16 @@ class VoiceStore:
         if meta.exists():
             return json.loads(meta.read_text())
         if (d / "reference.wav").exists():
-            ref_text = (d / "reference.txt").read_text().strip() \
-                if (d / "reference.txt").exists() else ""
-            return {"name": name, "ref_text": ref_text,
-                    "created_at": int((d / "reference.wav").stat().st_mtime)}
+            ref_text = (
+                (d / "reference.txt").read_text().strip()
+                if (d / "reference.txt").exists()
+                else ""
+            )
+            return {
+                "name": name,
+                "ref_text": ref_text,
+                "created_at": int((d / "reference.wav").stat().st_mtime),
+            }
         raise VLLMNotFoundError(f"voice {name!r} does not exist")
 
     def exists(self, name: str) -> bool:
@@ -109,8 +115,9 @@ class VoiceStore:
         except VLLMValidationError:
             return False
 
-    def add(self, name: str, audio: np.ndarray, ref_text: str,
-            overwrite: bool = False) -> dict:
+    def add(
+        self, name: str, audio: np.ndarray, ref_text: str, overwrite: bool = False
+    ) -> dict:
         """Encode and store a voice. ``audio`` is float32 mono at the
         store's sample rate."""
         import soundfile
@@ -123,14 +130,19 @@ class VoiceStore:
         with self._lock:
             if d.exists() and not overwrite:
                 raise VLLMValidationError(
-                    f"voice {name!r} already exists", parameter="name")
+                    f"voice {name!r} already exists", parameter="name"
+                )
             tmp = d.with_name(f".{d.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            soundfile.write(tmp / "reference.wav", audio, self.sample_rate,
-                            subtype="PCM_16")
-            meta = {"name": name, "ref_text": ref_text.strip(),
-                    "created_at": int(time.time())}
+            soundfile.write(
+                tmp / "reference.wav", audio, self.sample_rate, subtype="PCM_16"
+            )
+            meta = {
+                "name": name,
+                "ref_text": ref_text.strip(),
+                "created_at": int(time.time()),
+            }
             (tmp / "voice.json").write_text(json.dumps(meta))
             save_prompt(prompt, tmp / "prompt.npz")
             shutil.rmtree(d, ignore_errors=True)
@@ -165,8 +177,9 @@ class VoiceStore:
         if prompt is None:
             from vllm.entrypoints.text_to_speech.audio import load_reference_audio
 
-            audio = load_reference_audio((d / "reference.wav").read_bytes(),
-                                         self.sample_rate, max_seconds=3600)
+            audio = load_reference_audio(
+                (d / "reference.wav").read_bytes(), self.sample_rate, max_seconds=3600
+            )
             prompt = self._encode(audio, self.sample_rate, self.info(name)["ref_text"])
             save_prompt(prompt, cached)
         prompt.name = name

@@ -98,8 +98,9 @@ def _decode_attention(
     # the new key (one head) and value of this kv head, into the cache
     one = tl.arange(0, 1)
     k_head = k_ptr + row * k_stride + g * D + one[:, None] * D
-    ke, ko = _rope_norm(k_head, k_norm_ptr, cos, sin, half[None, :],
-                        one[:, None] >= 0, eps, D, QK_NORM)
+    ke, ko = _rope_norm(
+        k_head, k_norm_ptr, cos, sin, half[None, :], one[:, None] >= 0, eps, D, QK_NORM
+    )
     dtype = k_cache_ptr.dtype.element_ty
     ke = ke.to(dtype)
     ko = ko.to(dtype)
@@ -115,8 +116,9 @@ def _decode_attention(
     hq = tl.arange(0, BLOCK_G)
     gmask = hq < GROUP
     q_head = q_ptr + row * q_stride + (g * GROUP + hq)[:, None] * D
-    qe, qo = _rope_norm(q_head, q_norm_ptr, cos, sin, half[None, :],
-                        gmask[:, None], eps, D, QK_NORM)
+    qe, qo = _rope_norm(
+        q_head, q_norm_ptr, cos, sin, half[None, :], gmask[:, None], eps, D, QK_NORM
+    )
     qe = qe.to(q_ptr.dtype.element_ty).to(tl.float32)
     qo = qo.to(q_ptr.dtype.element_ty).to(tl.float32)
 
@@ -189,8 +191,9 @@ def decode_attention(
         raise ValueError("decode_attention: give both q_norm and k_norm or neither")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(1) != 1 or t.shape[0] != rows:
-            raise ValueError(f"decode_attention: {name} must be [rows, n*D] "
-                             "with unit column stride")
+            raise ValueError(
+                f"decode_attention: {name} must be [rows, n*D] with unit column stride"
+            )
     if k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("decode_attention: caches must be alike, innermost dense")
     out = torch.empty(rows, heads * d, dtype=q.dtype, device=q.device)

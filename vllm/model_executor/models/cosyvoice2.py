@@ -868,14 +868,16 @@ class CosyVoice2SpeechDecoder:
         for s, f in zip(sessions, frames):
             s.finishing = s.finishing or f is None
         idx = [
-            i for i, (s, f) in enumerate(zip(sessions, frames))
+            i
+            for i, (s, f) in enumerate(zip(sessions, frames))
             if not (f is None and s.stream.finished)
         ]
         with torch.inference_mode():
             results = push_streams(
                 [sessions[i].stream for i in idx],
                 [
-                    [] if frames[i] is None
+                    []
+                    if frames[i] is None
                     else np.asarray(frames[i]).reshape(-1).tolist()
                     for i in idx
                 ],

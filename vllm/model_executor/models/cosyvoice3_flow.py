@@ -478,9 +478,7 @@ class CausalMaskedDiffWithDiT(TokenMelFlow):
         )
         self.decoder = DiTConditionalCFM(cfg)
 
-    def _encode(
-        self, x: torch.Tensor, finalize: bool, streaming: bool
-    ) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor, finalize: bool, streaming: bool) -> torch.Tensor:
         if finalize:
             h = self.pre_lookahead_layer(x)
         else:

@@ -759,9 +759,7 @@ def flow_batch_conds(
 ) -> tuple[torch.Tensor, list[int]]:
     """The prompt-mel conditioning [B, T, n_mels] of a padded batch and
     where each item's new frames start."""
-    conds = torch.zeros(
-        h.shape[0], h.shape[1], n_mels, device=h.device, dtype=h.dtype
-    )
+    conds = torch.zeros(h.shape[0], h.shape[1], n_mels, device=h.device, dtype=h.dtype)
     starts = []
     for i, pf in enumerate(prompt_feats):
         pf = pf.reshape(-1, n_mels).to(h.device)
@@ -801,9 +799,7 @@ class TokenMelFlow(nn.Module):
     def mel_rate(self) -> int:
         return self.input_frame_rate * self.token_mel_ratio
 
-    def _encode(
-        self, x: torch.Tensor, finalize: bool, streaming: bool
-    ) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor, finalize: bool, streaming: bool) -> torch.Tensor:
         """Embedded tokens [1, N, D] -> features [1, T_mel, output_size]
         (``finalize=False``: the last ``pre_lookahead_len`` tokens are
         look-ahead only)."""
@@ -822,9 +818,15 @@ class TokenMelFlow(nn.Module):
         emb = F.normalize(embedding.to(dev).float(), dim=1)
         return self.spk_embed_affine_layer(emb)
 
-    def _decode(self, h: torch.Tensor, mask: torch.Tensor, spk: torch.Tensor,
-                conds: torch.Tensor, streaming: bool,
-                noise: torch.Tensor | None = None) -> torch.Tensor:
+    def _decode(
+        self,
+        h: torch.Tensor,
+        mask: torch.Tensor,
+        spk: torch.Tensor,
+        conds: torch.Tensor,
+        streaming: bool,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return self.decoder(
             mu=h.transpose(1, 2).contiguous(),
             mask=mask,
@@ -937,9 +939,7 @@ class CausalMaskedDiffWithXvec(TokenMelFlow):
         self.encoder_proj = nn.Linear(cfg.encoder.output_size, cfg.output_size)
         self.decoder = CausalConditionalCFM(cfg)
 
-    def _encode(
-        self, x: torch.Tensor, finalize: bool, streaming: bool
-    ) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor, finalize: bool, streaming: bool) -> torch.Tensor:
         tok_len = torch.tensor([x.shape[1]], device=x.device)
         if finalize:
             h = self.encoder(x, tok_len, streaming=streaming)

@@ -299,8 +299,10 @@ def wetext_normalizers() -> tuple[Any, Any] | None:
     try:
         from wetext import Normalizer
     except ImportError:
-        logger.info("wetext is not installed: CosyVoice text normalisation "
-                    "is the original's light clean-up only")
+        logger.info(
+            "wetext is not installed: CosyVoice text normalisation "
+            "is the original's light clean-up only"
+        )
         return None
     return Normalizer(remove_erhua=False), Normalizer()
 

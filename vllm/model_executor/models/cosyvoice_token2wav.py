@@ -176,9 +176,14 @@ class Token2WavJob:
     def run_alone(self, model: nn.Module) -> tuple[torch.Tensor, Any]:
         """This chunk through ``model.token2wav`` (the unbatched path)."""
         return model.token2wav(
-            self.token, self.prompt_token, self.prompt_feat, self.embedding,
-            token_offset=self.token_offset, cache=self.cache,
-            stream=not self.finalize, finalize=self.finalize,
+            self.token,
+            self.prompt_token,
+            self.prompt_feat,
+            self.embedding,
+            token_offset=self.token_offset,
+            cache=self.cache,
+            stream=not self.finalize,
+            finalize=self.finalize,
             generator=self.generator,
         )
 
@@ -408,8 +413,11 @@ class CosyVoice2Token2Wav(nn.Module):
             )
             for k, i in enumerate(idx):
                 out[i] = self._finish_chunk(
-                    mels[i], speech[k : k + 1], source[k : k + 1],
-                    jobs[i].cache, jobs[i].finalize,
+                    mels[i],
+                    speech[k : k + 1],
+                    source[k : k + 1],
+                    jobs[i].cache,
+                    jobs[i].finalize,
                 )
         return out
 
@@ -610,7 +618,10 @@ def push_streams(
             if len(idx) > 1:
                 logger.warning(
                     "batched token2wav of %d chunks failed (%r); decoding "
-                    "them one by one", len(idx), e)
+                    "them one by one",
+                    len(idx),
+                    e,
+                )
             many = len(idx) > 1
             results = [_alone(model, pending[i]) for i in idx] if many else [e]
         for i, r in zip(idx, results):

@@ -1566,33 +1566,36 @@ class FishCodecSpeechDecoder:
         frames = np.asarray(frames)
         if frames.ndim != 2 or frames.shape[1] != self.num_codebooks:
             raise ValueError(
-                f"frames must be [T, {self.num_codebooks}], got {frames.shape}")
+                f"frames must be [T, {self.num_codebooks}], got {frames.shape}"
+            )
         return torch.from_numpy(np.ascontiguousarray(frames.T)).long()
 
     @torch.inference_mode()
-    def decode(self, frames: list[np.ndarray], voices: list | None = None
-               ) -> list[np.ndarray]:
+    def decode(
+        self, frames: list[np.ndarray], voices: list | None = None
+    ) -> list[np.ndarray]:
         """``voices`` is unused: the Fish codecs need no per-voice state."""
         codes = [self._codes(f) for f in frames]
         lengths = [c.shape[1] for c in codes]
-        batch = torch.zeros(len(codes), self.num_codebooks, max(lengths),
-                            dtype=torch.long)
+        batch = torch.zeros(
+            len(codes), self.num_codebooks, max(lengths), dtype=torch.long
+        )
         for i, c in enumerate(codes):
             batch[i, :, : c.shape[1]] = c
         audio = self.codec.decode(batch)[:, 0].float().cpu().numpy()
         return [audio[i, : n * self.samples_per_frame] for i, n in enumerate(lengths)]
 
-    def open_stream(self, voice=None) -> "_FishCodecStream":
+    def open_stream(self, voice=None) -> _FishCodecStream:
         return _FishCodecStream(self)
 
     @torch.inference_mode()
-    def encode_reference(self, audio: np.ndarray, sample_rate: int,
-                         ref_text: str):
+    def encode_reference(self, audio: np.ndarray, sample_rate: int, ref_text: str):
         from vllm.config.text_to_speech import VoicePrompt
 
         if sample_rate != self.sample_rate:
             raise ValueError(
-                f"reference audio must be {self.sample_rate} Hz, got {sample_rate}")
+                f"reference audio must be {self.sample_rate} Hz, got {sample_rate}"
+            )
         wav = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None]
         codes = self.codec.encode(wav)[0].cpu().numpy().astype(np.int64)
         return VoicePrompt(ref_text=ref_text, codes=codes)  # [K, T]

@@ -51,8 +51,9 @@ class FastLoopGraphs:
         # capture; the batch dimension is dynamic, so buckets share the code.
         self.fn = torch.compile(fn, dynamic=True, fullgraph=True) if compile else fn
         self.buckets = tuple(sorted(buckets))
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[torch.Tensor],
-                                     torch.Tensor]] = {}
+        self.graphs: dict[
+            int, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]
+        ] = {}
         self.pool = None
 
     def bucket(self, n: int) -> int | None:

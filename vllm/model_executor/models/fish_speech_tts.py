@@ -7,7 +7,7 @@ original code does for each family:
 
 * 1.5 (``generate_long`` + ``encode_tokens``; text through ``clean_text``)::
 
-    [<|im_start|>system\\n Speak out the provided text. <|im_end|>      (only with references)
+    [<|im_start|>system\\n Speak out the provided text. <|im_end|> (with references)
      per reference: <|im_start|>user\\n {ref_text} <|im_end|>
                     <|im_start|>assistant\\n <|voice|> {codes} <|im_end|>]
     <|im_start|>user\\n {text} <|im_end|> <|im_start|>assistant\\n <|voice|>
@@ -66,8 +66,10 @@ DEFAULT_SAMPLING: dict[str, dict[str, Any]] = {
     "s2": dict(temperature=1.0, top_p=0.9, top_k=30),
 }
 
-_EMOJI = re.compile("[\U0001f600-\U0001f64f\U0001f300-\U0001f5ff"
-                    "\U0001f680-\U0001f6ff\U0001f1e0-\U0001f1ff]+")
+_EMOJI = re.compile(
+    "[\U0001f600-\U0001f64f\U0001f300-\U0001f5ff"
+    "\U0001f680-\U0001f6ff\U0001f1e0-\U0001f1ff]+"
+)
 
 
 def clean_text_v15(text: str) -> str:
@@ -120,8 +122,8 @@ class _PromptBuilder:
         codes = np.asarray(codes, dtype=np.int64)
         if codes.ndim != 2 or codes.shape[0] < self.num_codebooks:
             raise ValueError(
-                f"reference codes must be [{self.num_codebooks}, T], "
-                f"got {codes.shape}")
+                f"reference codes must be [{self.num_codebooks}, T], got {codes.shape}"
+            )
         codes = codes[: self.num_codebooks]
         start = len(self.ids)
         self.ids += (codes[0] + self.begin).tolist()
@@ -160,12 +162,17 @@ def build_fish_prompt(
         b.text("<|speaker:0|>", text)
     else:  # s2
         if references:
-            tagged = [t if re.search(r"<\|speaker:\d+\|>", t)
-                      else f"<|speaker:{i}|>{t}"
-                      for i, (t, _) in enumerate(references)]
-            b.text("<|im_start|>system\n",
-                   "convert the provided text to speech reference to the "
-                   "following:\n\nText:\n", "\n".join(tagged), "\n\nSpeech:\n")
+            tagged = [
+                t if re.search(r"<\|speaker:\d+\|>", t) else f"<|speaker:{i}|>{t}"
+                for i, (t, _) in enumerate(references)
+            ]
+            b.text(
+                "<|im_start|>system\n",
+                "convert the provided text to speech reference to the "
+                "following:\n\nText:\n",
+                "\n".join(tagged),
+                "\n\nSpeech:\n",
+            )
             b.codes(np.concatenate([c for _, c in references], axis=1))
         else:
             b.text("<|im_start|>system\n", "convert the provided text to speech")
@@ -189,8 +196,7 @@ class FishSpeechTTSMixin:
             frame_rate=SAMPLE_RATE / SAMPLES_PER_FRAME,
             max_input_chars=4096,
             max_ref_audio_s=60.0,
-            default_max_new_tokens=min(
-                2048, model_config.max_model_len // 2),
+            default_max_new_tokens=min(2048, model_config.max_model_len // 2),
             supports_voice_cloning=True,
             default_sampling=dict(DEFAULT_SAMPLING[version]),
         )
@@ -233,8 +239,9 @@ class FishSpeechTTSMixin:
         # As the original: codebook 0 is the token minus semantic_begin_id,
         # clamped (a non-semantic token gives code 0); the <|im_end|> frame
         # that ends generation is not audio.
-        c0 = np.clip(ids - semantic_begin_id(model_config), 0,
-                     int(cfg.codebook_size) - 1)
+        c0 = np.clip(
+            ids - semantic_begin_id(model_config), 0, int(cfg.codebook_size) - 1
+        )
         frames = np.concatenate([c0[:, None], np.asarray(aux, np.int64)], axis=1)
         im_end = _special_id(_tokenizer(model_config), IM_END)
         return frames[ids != im_end]
@@ -255,5 +262,6 @@ class FishSpeechTTSMixin:
         else:
             raise FileNotFoundError(
                 f"{root} has no Fish codec ({FIREFLY_FILE} for 1.5, "
-                f"{DAC_FILE} for S1/S2)")
+                f"{DAC_FILE} for S1/S2)"
+            )
         return FishCodecSpeechDecoder(codec)
