@@ -102,7 +102,16 @@ def build_feature_extractor(
 
 
 def extract_features(fe: FireRedASR2FeatureExtractor, audios: list) -> BatchFeature:
-    """Features of float audio in [-1, 1] at 16 kHz, unpadded per item."""
+    """Features of float audio in [-1, 1] at 16 kHz, unpadded per item.
+    Audio shorter than one fbank frame is a ValueError: the Conformer front
+    end cannot run on zero frames."""
+    min_samples = fe.frame_length * fe.sampling_rate // 1000
+    for audio in audios:
+        if len(audio) < min_samples:
+            raise ValueError(
+                f"Audio too short: {len(audio)} samples; FireRedASR "
+                f"needs at least {min_samples} ({fe.frame_length} ms)."
+            )
     return fe(
         list(audios),
         sampling_rate=fe.sampling_rate,
@@ -152,14 +161,6 @@ class FireRedASRAEDMultiModalProcessor(FireRedLIDMultiModalProcessor):
         audios = mm_data.get("audios") or mm_data.get("audio")
         if audios:
             fe = self.info.get_feature_extractor()
-            min_samples = fe.frame_length * fe.sampling_rate // 1000
-            for audio in audios:
-                if len(audio) < min_samples:
-                    # No fbank frame: the Conformer front end cannot run.
-                    raise ValueError(
-                        f"Audio too short: {len(audio)} samples; FireRedASR "
-                        f"needs at least {min_samples} ({fe.frame_length} ms)."
-                    )
             outputs.update(extract_features(fe, list(audios)))
         return outputs
 
