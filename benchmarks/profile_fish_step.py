@@ -9,6 +9,9 @@ made by bench_fish_speech.py and prints, for a batch-1 generate:
 * the GPU side: CUDA kernel time and kernel count per frame (torch.profiler),
   the 25 costliest kernels; kernel time well below the step time means the
   step is bound by host work, not by the GPU;
+* the GPU timeline: time busy (union of kernel/copy intervals), the short
+  gaps between consecutive kernels (<= ``--gap-us``, what CUDA-graph replay
+  costs between nodes) and the long ones (the GPU waiting for the host);
 * the host side: the cProfile of the engine step (``--cprofile``).
 
     python benchmarks/profile_fish_step.py --ckpt /tmp/fish-s1-bench \\
@@ -24,6 +27,30 @@ import time
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 
+def gap_summary(intervals: list[tuple[float, float]], short_us: float) -> dict:
+    """Busy time and idle gaps (us) of a GPU timeline given as the
+    (start, end) intervals of its kernels and copies: overlapping intervals
+    are merged; a gap is short when it lasts at most ``short_us``."""
+    busy = short = long_ = 0.0
+    n_short = n_long = 0
+    end = None
+    for s, e in sorted(intervals):
+        if end is None or s > end:
+            if end is not None:
+                gap = s - end
+                if gap <= short_us:
+                    short, n_short = short + gap, n_short + 1
+                else:
+                    long_, n_long = long_ + gap, n_long + 1
+            busy += e - s
+            end = e
+        elif e > end:
+            busy += e - end
+            end = e
+    return {"busy_us": busy, "short_gaps_us": short, "short_gaps": n_short,
+            "long_gaps_us": long_, "long_gaps": n_long}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", default="/tmp/fish-s1-bench")
@@ -35,6 +62,8 @@ def main() -> None:
                          "(the torch fast loop; the fused kernels are the default)")
     ap.add_argument("--no-async-scheduling", action="store_true",
                     help="schedule synchronously (async is the default)")
+    ap.add_argument("--gap-us", type=float, default=5.0,
+                    help="idle gaps up to this long count as inter-kernel gaps")
     a = ap.parse_args()
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -70,6 +99,14 @@ def main() -> None:
     print(f"GPU: {kernel_us / a.frames / 1e3:.2f} ms of kernels and "
           f"{launches / a.frames:.0f} kernels per frame")
     print(prof.key_averages().table(sort_by="device_time_total", row_limit=25))
+    g = gap_summary([(e.time_range.start, e.time_range.end) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA],
+                    a.gap_us)
+    f, n = a.frames * 1e3, a.frames
+    print(f"GPU timeline per frame: busy {g['busy_us'] / f:.2f} ms; "
+          f"{g['short_gaps'] / n:.0f} gaps <= {a.gap_us:g} us, "
+          f"{g['short_gaps_us'] / f:.2f} ms; {g['long_gaps'] / n:.0f} longer, "
+          f"{g['long_gaps_us'] / f:.2f} ms")
     if a.cprofile:
         p = cProfile.Profile()
         p.enable()
